@@ -1,0 +1,108 @@
+"""The `pagoda` command line.
+
+    pagoda generate [--prompt TEXT ...] [engine flags]   offline generation (demo model by default)
+    pagoda chat [--message TEXT] [engine flags]          one chat turn through the chat template
+    pagoda demo-model --output DIR                       write the built-in demo model to DIR
+
+Engine flags follow vLLM's names (--dtype, --device, --block-size, --num-kv-blocks, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict, fields
+
+from pagoda.backend import LLM, EngineConfig, SamplingParams
+from pagoda.backend.demo import build_demo_model
+
+DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for every EngineConfig field, named as vLLM names them."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="local folder or hub id (default: demo model)")
+    group.add_argument("--tokenizer", default=None)
+    group.add_argument("--revision", default=None)
+    group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--num-kv-blocks", type=int, default=None)
+    group.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                       help="KV cache budget in bytes (CPU default: 2 GiB)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=False)
+    group.add_argument("--allow-pickle-weights", action="store_true",
+                       help="allow loading pickle (.bin) weights, which can run arbitrary code")
+    group.add_argument("--trust-remote-code", action="store_true")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="offline generation for a few prompts")
+    generate.add_argument("--prompt", action="append", help="repeatable; default: demo prompts")
+    add_sampling_args(generate)
+    add_engine_args(generate)
+
+    chat = commands.add_parser("chat", help="one chat turn through the model's chat template")
+    chat.add_argument("--message", default="Hello! What can you do?")
+    add_sampling_args(chat)
+    add_engine_args(chat)
+
+    demo = commands.add_parser("demo-model", help="write the built-in demo model to a folder")
+    demo.add_argument("--output", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo-model":
+        print(build_demo_model(args.output))
+        return 0
+    try:
+        config = engine_config_from_args(args)
+        params = sampling_params_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    llm = LLM(**asdict(config))
+    if args.command == "chat":
+        outputs = llm.chat([{"role": "user", "content": args.message}], params)
+    else:
+        outputs = llm.generate(args.prompt or DEFAULT_PROMPTS, params)
+    for output in outputs:
+        print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

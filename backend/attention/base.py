@@ -1,0 +1,70 @@
+"""The attention interface every backend implements, over one shared paged KV layout.
+
+Per layer the cache is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]. A step's
+batch is flat: the new tokens of all scheduled sequences back to back, sequence i owning tokens
+query_start_loc[i]:query_start_loc[i+1], which sit at positions context_lens[i]..seq_lens[i]-1.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class BatchLayout:
+    """Where a step's tokens come from and go to; built once per step by the model runner."""
+
+    query_start_loc: list[int]  # [num_seqs + 1]
+    context_lens: list[int]  # tokens already in the cache before this step, per sequence
+    block_tables: list[list[int]]  # block ids per sequence, covering seq_lens
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of every new token
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def query_lens(self) -> list[int]:
+        starts = self.query_start_loc
+        return [starts[i + 1] - starts[i] for i in range(self.num_seqs)]
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [ctx + q for ctx, q in zip(self.context_lens, self.query_lens)]
+
+
+class AttentionMetadata:
+    """Whatever a backend precomputes from a BatchLayout once per step, shared by all layers."""
+
+    layout: BatchLayout
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def prepare(
+        self, layout: BatchLayout, device: torch.device, sliding_window: int | None
+    ) -> AttentionMetadata:
+        """Precompute the step's per-batch state (index tensors, masks) for all layers."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Store the new tokens' key/value in the cache, then attend.
+
+        query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads, head_dim].
+        Each new token attends causally to its sequence's cached context and to the new tokens
+        up to itself (within the sliding window, when one is set). Returns
+        [num_tokens, num_heads, head_dim].
+        """

@@ -1,0 +1,283 @@
+"""LLMEngine: requests in, one scheduled model step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from pagoda.backend.attention import get_attention_backend
+from pagoda.backend.config import EngineConfig
+from pagoda.backend.demo import demo_model_path
+from pagoda.backend.detokenizer import IncrementalDetokenizer
+from pagoda.backend.kv.block_manager import BlockManager, KVStats
+from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
+from pagoda.backend.model_runner import ModelRunner
+from pagoda.backend.models import build_model
+from pagoda.backend.models.loader import (
+    checkpoint_dtype,
+    iterate_weights,
+    resolve_model_path,
+    weight_files,
+)
+from pagoda.backend.output_processor import OutputProcessor
+from pagoda.backend.outputs import RequestMetrics, RequestOutput
+from pagoda.backend.sampler import Sampler
+from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.scheduler import Scheduler
+from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        model_path = self._model_path()
+        hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        self.hf_config = hf_config
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            config.tokenizer or model_path, trust_remote_code=config.trust_remote_code
+        )
+        self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
+        self.model = self._load_model(model_path, hf_config)
+
+        num_layers, num_kv_heads, head_dim = self.model.kv_shape
+        block_bytes = bytes_per_block(
+            num_layers, config.block_size, num_kv_heads, head_dim, self.dtype
+        )
+        num_blocks = choose_num_blocks(config, block_bytes, self.device)
+        self.max_model_len = config.resolve_max_model_len(
+            hf_config.max_position_embeddings, num_blocks * config.block_size
+        )
+        kv_caches = allocate_kv_cache(
+            num_layers, num_blocks, config.block_size, num_kv_heads, head_dim, self.dtype,
+            self.device,
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
+        self.runner = ModelRunner(
+            self.model, kv_caches, self.block_manager, get_attention_backend(),
+            Sampler(self.eos_token_ids, seed=config.seed), self.device,
+        )
+        self.output_processor = OutputProcessor(self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, SequenceGroup] = {}
+        self._seq_ids = itertools.count()
+
+    def _model_path(self) -> Path:
+        if self.config.model is None:
+            return demo_model_path()
+        return resolve_model_path(
+            self.config.model, self.config.revision, self.config.allow_pickle_weights
+        )
+
+    def _load_model(self, model_path: Path, hf_config) -> torch.nn.Module:
+        started = time.monotonic()
+        with _default_dtype(self.dtype), torch.device(self.device):
+            model = build_model(hf_config, get_attention_backend(), hf_config.max_position_embeddings)
+        model.load_weights(
+            iterate_weights(weight_files(model_path, self.config.allow_pickle_weights))
+        )
+        model.eval()
+        logger.info(
+            "loaded %s (%s, %s) in %.1f s", model_path, self.dtype, self.device,
+            time.monotonic() - started,
+        )
+        return model
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError, naming the problem, for a request that can never
+        run (empty or over-long prompt, token ids outside the vocabulary, duplicate id)."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.use_beam_search:
+            raise ValueError("use_beam_search is not supported by this engine yet")
+        limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        if params.num_sequences > limit:
+            raise ValueError(
+                f"n/best_of={params.num_sequences} exceeds what one step can run ({limit}: "
+                "max_num_seqs and max_num_batched_tokens)"
+            )
+        prompt_text, prompt_ids = self._encode(prompt)
+        self._check_token_ids(prompt_ids, params)
+        group = SequenceGroup(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            seqs=[self._new_sequence(prompt_ids, params, i) for i in range(params.num_sequences)],
+            metrics=RequestMetrics(arrival_time or time.monotonic()),
+            want_logprobs=params.logprobs is not None,
+        )
+        self.requests[request_id] = group
+        self.scheduler.add(group)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """A conversation as prompt text, through the model's (or the given) chat template."""
+        if chat_template is None and not self.tokenizer.chat_template:
+            raise ValueError("this model has no chat template; pass chat_template")
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **(chat_template_kwargs or {}),
+        )
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            # A prompt that already starts with the BOS token (as most chat templates render
+            # it) must not get a second one.
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and prompt.startswith(bos))
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if not isinstance(prompt, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return None, list(prompt)
+
+    def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        vocab_size = self.hf_config.vocab_size
+        for field_name, token_ids in (
+            ("prompt", prompt_ids),
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias)),
+        ):
+            bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{field_name}: token id {bad} is outside the vocabulary (size {vocab_size})"
+                )
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which must also leave room for at least one generated token"
+            )
+
+    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams, index: int) -> Sequence:
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        return Sequence(
+            seq_id=next(self._seq_ids),
+            index=index,
+            token_ids=list(prompt_ids),
+            num_prompt_tokens=len(prompt_ids),
+            seed=sample_seed(params.seed, index),
+            detokenizer=detokenizer,
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; None if it is unknown or already done."""
+        group = self.requests.pop(request_id, None)
+        if group is None:
+            return None
+        self.scheduler.finish(group)
+        group.abort()
+        group.metrics.finished_time = time.monotonic()
+        return group.to_output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch. Returns an output for every request that produced a token,
+        finished or failed in this step."""
+        plan = self.scheduler.schedule()
+        touched: dict[str, SequenceGroup] = {}
+        for group in plan.failed:
+            touched[group.request_id] = group
+        if plan.scheduled:
+            sampled = self.runner.execute(plan.scheduled)
+            now = time.monotonic()
+            for item, token in zip(plan.scheduled, sampled):
+                item.seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.cache_computed_blocks(item.seq)
+                if token is None:
+                    continue
+                self.output_processor.append_token(item.group, item.seq, token)
+                if item.seq.is_finished:
+                    # Its siblings may run on; its blocks are not needed any more.
+                    self.block_manager.free(item.seq)
+                if item.group.metrics.first_token_time is None:
+                    item.group.metrics.first_token_time = now
+                touched[item.group.request_id] = item.group
+        outputs = []
+        for request_id, group in touched.items():
+            if group.is_finished:
+                self.scheduler.finish(group)
+                self.requests.pop(request_id, None)
+                group.metrics.finished_time = time.monotonic()
+            outputs.append(group.to_output())
+        return outputs
+
+    def kv_stats(self) -> KVStats:
+        return self.block_manager.stats(self.scheduler.live_sequences())
+
+    def check_no_leaks(self) -> None:
+        """Assert nothing is running and every KV block is free (for tests)."""
+        assert not self.requests, f"live requests: {sorted(self.requests)}"
+        assert not self.scheduler.has_unfinished()
+        self.block_manager.check_invariants()
+        assert not self.block_manager.block_tables, "block tables left behind"
+        assert self.block_manager.pool.num_used_blocks == 0, "KV blocks leaked"
+
+
+def _eos_token_ids(model_path: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The generation config's eos ids (Llama 3 lists several) and the tokenizer's."""
+    eos: set[int] = set()
+    with contextlib.suppress(OSError):
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+        if configured is not None:
+            eos.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

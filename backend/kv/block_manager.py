@@ -1,0 +1,153 @@
+"""Block tables: which KV blocks hold each sequence's tokens.
+
+A sequence's token at position p lives in slot `table[p // block_size].block_id * block_size +
+p % block_size`. Tables only grow while a sequence runs and are released whole when it finishes
+or is preempted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pagoda.backend.kv.block_pool import BlockKey, BlockPool, KVBlock
+
+
+class SequenceTokens(Protocol):
+    """What the block manager needs to know of a sequence."""
+
+    seq_id: int
+    token_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVStats:
+    num_blocks: int
+    num_used_blocks: int
+    num_tokens: int  # token slots filled by live sequences, shared blocks counted once
+    block_size: int
+
+    @property
+    def waste(self) -> float:
+        """Fraction of the slots in used blocks that hold no token (0 when nothing is used)."""
+        slots = self.num_used_blocks * self.block_size
+        return 1.0 - self.num_tokens / slots if slots else 0.0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.block_tables: dict[int, list[KVBlock]] = {}
+        # Keys of each sequence's leading full blocks, in order (only with prefix caching).
+        self._block_keys: dict[int, list[BlockKey]] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_new_blocks_needed(self, seq: SequenceTokens, num_new_tokens: int) -> int:
+        table = self.block_tables.get(seq.seq_id, [])
+        return max(0, self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table))
+
+    def match_prefix(self, seq: SequenceTokens) -> int:
+        """Attach the cached blocks that hold a prefix of a sequence with no blocks yet.
+
+        Returns how many leading tokens are already computed. The last token is never taken from
+        the cache: the model must run on at least one token to produce the next token's logits.
+        """
+        assert seq.seq_id not in self.block_tables, "prefix matching is for fresh sequences"
+        table: list[KVBlock] = []
+        keys: list[BlockKey] = []
+        self.block_tables[seq.seq_id] = table
+        self._block_keys[seq.seq_id] = keys
+        if not self.pool.enable_caching:
+            return 0
+        num_matchable = (len(seq.token_ids) - 1) // self.block_size
+        parent: BlockKey | None = None
+        for index in range(num_matchable):
+            start = index * self.block_size
+            key = BlockKey.chain(parent, seq.token_ids[start : start + self.block_size])
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            self.pool.share(block)
+            table.append(block)
+            keys.append(key)
+            parent = key
+        return len(table) * self.block_size
+
+    def record_prefix_match(self, seq: SequenceTokens) -> None:
+        """Count a committed prefix lookup in the stats, in blocks: the ones that could have hit
+        and the ones that did. Separate from match_prefix, which the scheduler may undo."""
+        if self.pool.enable_caching:
+            self.prefix_cache_queries += (len(seq.token_ids) - 1) // self.block_size
+            self.prefix_cache_hits += seq.num_computed_tokens // self.block_size
+
+    def allocate_slots(self, seq: SequenceTokens, num_new_tokens: int) -> bool:
+        """Grow the table to hold `num_new_tokens` more tokens. False, changing nothing, when
+        there are not enough free blocks."""
+        needed = self.num_new_blocks_needed(seq, num_new_tokens)
+        if needed > self.pool.num_free_blocks:
+            return False
+        table = self.block_tables.setdefault(seq.seq_id, [])
+        if needed:
+            table.extend(self.pool.allocate(needed))
+        return True
+
+    def cache_computed_blocks(self, seq: SequenceTokens) -> None:
+        """Publish the sequence's newly completed full blocks to the prefix cache."""
+        if not self.pool.enable_caching:
+            return
+        keys = self._block_keys.setdefault(seq.seq_id, [])
+        table = self.block_tables[seq.seq_id]
+        num_full = seq.num_computed_tokens // self.block_size
+        parent = keys[-1] if keys else None
+        for index in range(len(keys), num_full):
+            start = index * self.block_size
+            key = BlockKey.chain(parent, seq.token_ids[start : start + self.block_size])
+            self.pool.cache(table[index], key)
+            keys.append(key)
+            parent = key
+
+    def block_ids(self, seq_id: int) -> list[int]:
+        return [block.block_id for block in self.block_tables[seq_id]]
+
+    def free(self, seq: SequenceTokens) -> None:
+        """Release a sequence's blocks (no-op for a sequence that holds none)."""
+        table = self.block_tables.pop(seq.seq_id, None)
+        self._block_keys.pop(seq.seq_id, None)
+        if table:
+            self.pool.release(reversed(table))
+
+    def stats(self, live_seqs: list[SequenceTokens]) -> KVStats:
+        filled: dict[int, int] = {}
+        for seq in live_seqs:
+            for index, block in enumerate(self.block_tables.get(seq.seq_id, [])):
+                tokens_in_block = min(self.block_size, seq.num_computed_tokens - index * self.block_size)
+                filled[block.block_id] = max(filled.get(block.block_id, 0), tokens_in_block, 0)
+        return KVStats(
+            num_blocks=self.pool.num_blocks,
+            num_used_blocks=self.pool.num_used_blocks,
+            num_tokens=sum(filled.values()),
+            block_size=self.block_size,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert tables and the pool agree: every reference is held by a table (for tests)."""
+        self.pool.check_invariants()
+        references: dict[int, int] = {}
+        for table in self.block_tables.values():
+            for block in table:
+                references[block.block_id] = references.get(block.block_id, 0) + 1
+        for block in self.pool.blocks:
+            assert block.ref_count == references.get(block.block_id, 0), (
+                f"block {block.block_id}: ref_count {block.ref_count}, "
+                f"held by {references.get(block.block_id, 0)} tables"
+            )

@@ -1,0 +1,323 @@
+"""Batch sampler: turns one step's last-token logits into one token per sequence.
+
+Contract: every operation is row-wise, so a row's token depends only on its own logits, its
+SamplingRow and (for unseeded rows) the sampler's shared generator, never on its neighbours in
+the batch. Processing runs in float32 on the logits' device, in vLLM's order: logit_bias ->
+min_tokens -> repetition penalty -> presence/frequency penalties -> greedy argmax, or
+temperature -> min_p -> top_k -> top_p -> sampling. Reported logprobs, ranks and top logprobs
+are those of the raw logits, before any of that processing (as OpenAI and vLLM report them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.backend.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence's row in the batch's logits."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far by this sequence
+    seed: int | None  # effective seed of this sequence (None: the sampler's shared generator)
+
+
+@dataclass(slots=True)
+class SampledToken:
+    """The token chosen for one row, with its log-probability under the raw logits."""
+
+    token_id: int
+    logprob: float  # raw float32 log_softmax of the chosen token, always filled
+    rank: int  # 1-based rank under the raw distribution; 0 when params.logprobs is None
+    top_logprobs: list[tuple[int, float]]  # params.logprobs best (token_id, logprob), best first
+
+
+class Sampler:
+    """Samples one token per row of a batch of logits; see the module docstring."""
+
+    def __init__(self, eos_token_ids: Iterable[int], seed: int | None = None) -> None:
+        """eos_token_ids: masked while a row is below its min_tokens.
+        seed: seeds the generator shared by rows without a seed (random when None)."""
+        self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
+        self.seed = seed
+        # One shared generator per device, created on first use: a torch.Generator is tied to
+        # the device it draws on, and the logits' device is only known per call.
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+        """logits: [len(rows), vocab], any float dtype and device; left unchanged.
+        Returns one SampledToken per row, in order."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must have shape [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}"
+            )
+        if not rows:
+            return []
+        raw_logits = logits.float()
+        raw_logprobs = torch.log_softmax(raw_logits, dim=-1)
+        if all(row.params.is_greedy and not _needs_processing(row) for row in rows):
+            token_ids = raw_logits.argmax(dim=-1)
+        else:
+            token_ids = self._choose_tokens(self.process_logits(logits, rows), rows)
+        return _sampled_tokens(raw_logprobs, token_ids, rows)
+
+    def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Returns a new float32 tensor: logits with logit_bias, min_tokens and the repetition,
+        presence and frequency penalties applied; temperature and truncation are not.
+        Token ids at or beyond the vocabulary in logit_bias or stop_token_ids are ignored."""
+        processed = logits.to(torch.float32, copy=True)
+        _apply_logit_bias(processed, rows)
+        _apply_min_tokens(processed, rows, self.eos_token_ids)
+        _apply_repetition_penalty(processed, rows)
+        _apply_presence_frequency_penalties(processed, rows)
+        return processed
+
+    def _choose_tokens(self, processed: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Argmax for greedy rows, a random draw for the others; [len(rows)] int64."""
+        device = processed.device
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
+        greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
+        random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if greedy:
+            greedy_index = torch.tensor(greedy, device=device)
+            token_ids[greedy_index] = processed[greedy_index].argmax(dim=-1)
+        if random:
+            random_index = torch.tensor(random, device=device)
+            token_ids[random_index] = self._sample(
+                processed[random_index], [rows[i] for i in random]
+            )
+        return token_ids
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Temperature, min_p, top_k, top_p, then one draw per row; modifies logits in place."""
+        device = logits.device
+        temperatures = _float32_tensor([row.params.temperature for row in rows], device)
+        logits.div_(temperatures.unsqueeze(1))
+        min_p = [row.params.min_p for row in rows]
+        if any(value > 0.0 for value in min_p):
+            _apply_min_p(logits, _float32_tensor(min_p, device))
+        vocab_size = logits.shape[-1]
+        top_k = [_effective_top_k(row.params.top_k, vocab_size) for row in rows]
+        top_p = [row.params.top_p for row in rows]
+        if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
+            _apply_top_k_top_p(
+                logits, torch.tensor(top_k, device=device), _float32_tensor(top_p, device)
+            )
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d. picks token i with
+        # probability p_i, and an excluded token (p_i == 0 exactly) can never win.
+        return probs.div_(self._exponential_noise(rows, vocab_size, device)).argmax(dim=-1)
+
+    def _exponential_noise(
+        self, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
+    ) -> torch.Tensor:
+        """[len(rows), vocab_size] Exp(1) draws, each seeded row's from its own (seed, step)."""
+        noise = torch.empty(len(rows), vocab_size, dtype=torch.float32, device=device)
+        unseeded = [i for i, row in enumerate(rows) if row.seed is None]
+        if unseeded:
+            shared = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
+            noise[torch.tensor(unseeded, device=device)] = shared.exponential_(
+                generator=self._shared_generator(device)
+            )
+        for i, row in enumerate(rows):
+            if row.seed is not None:
+                step = len(row.output_token_ids)
+                noise[i].exponential_(generator=_step_generator(row.seed, step, device))
+        # NOTE: q == 0 would turn p / q into inf (or nan for p == 0) and could elect an excluded
+        # token; the clamp keeps every q positive while leaving the distribution unchanged.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._shared_generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if self.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self.seed)
+            self._shared_generators[device] = generator
+        return generator
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    """Whether process_logits would change this row's logits."""
+    params = row.params
+    return (
+        bool(params.logit_bias)
+        or params.needs_penalties
+        or len(row.output_token_ids) < params.min_tokens
+    )
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator determined by (seed, step) alone, so a seeded sequence draws the same noise
+    whatever its batch and after a recompute. Hashing the pair (rather than seed + step) keeps
+    seeds s and s + 1 from replaying each other's streams shifted by one step."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") >> 1)  # 63 bits: a valid seed
+    return generator
+
+
+def _float32_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    # NOTE: explicit dtype, because model loaders may change torch's default dtype to bf16.
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _effective_top_k(top_k: int, vocab_size: int) -> int:
+    """top_k as a count of kept tokens: 0 and -1 (off) or anything above the vocabulary keep
+    every token."""
+    return vocab_size if top_k <= 0 else min(top_k, vocab_size)
+
+
+def _token_counts(
+    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """[len(token_lists), vocab_size] float32: how often each token occurs in each list."""
+    lengths = torch.tensor([len(tokens) for tokens in token_lists])
+    row_index = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    flat_tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    counts = torch.zeros(len(token_lists), vocab_size, dtype=torch.float32, device=device)
+    ones = torch.ones(flat_tokens.numel(), dtype=torch.float32, device=device)
+    counts.index_put_((row_index.to(device), flat_tokens.to(device)), ones, accumulate=True)
+    return counts
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Adds each row's logit_bias to its logits, in place."""
+    vocab_size = logits.shape[-1]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    biases: list[float] = []
+    for i, row in enumerate(rows):
+        for token_id, bias in row.params.logit_bias.items():
+            if token_id < vocab_size:
+                row_ids.append(i)
+                token_ids.append(token_id)
+                biases.append(bias)
+    if row_ids:
+        index = (
+            torch.tensor(row_ids, device=logits.device),
+            torch.tensor(token_ids, device=logits.device),
+        )
+        logits.index_put_(index, _float32_tensor(biases, logits.device), accumulate=True)
+
+
+def _apply_min_tokens(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int]
+) -> None:
+    """Sets the eos and stop_token_ids logits of rows still below min_tokens to -inf, in place."""
+    vocab_size = logits.shape[-1]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) < row.params.min_tokens:
+            banned = {*eos_token_ids, *row.params.stop_token_ids}
+            kept = [token_id for token_id in banned if token_id < vocab_size]
+            row_ids.extend([i] * len(kept))
+            token_ids.extend(kept)
+    if row_ids:
+        index = (
+            torch.tensor(row_ids, device=logits.device),
+            torch.tensor(token_ids, device=logits.device),
+        )
+        logits[index] = float("-inf")
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Hugging Face semantics, in place: the logit of every token present in the prompt or the
+    output is divided by the penalty when positive and multiplied by it otherwise, once
+    however often the token occurs."""
+    selected = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not selected:
+        return
+    device = logits.device
+    index = torch.tensor(selected, device=device)
+    seen_tokens = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in selected]
+    seen = _token_counts(seen_tokens, logits.shape[-1], device) > 0
+    penalties = _float32_tensor([rows[i].params.repetition_penalty for i in selected], device)
+    penalties = penalties.unsqueeze(1)
+    sub = logits[index]
+    penalized = torch.where(sub > 0, sub / penalties, sub * penalties)
+    logits[index] = torch.where(seen, penalized, sub)
+
+
+def _apply_presence_frequency_penalties(
+    logits: torch.Tensor, rows: Sequence[SamplingRow]
+) -> None:
+    """OpenAI semantics over output tokens only, in place:
+    logit -= frequency_penalty * count + presence_penalty * (count > 0)."""
+    selected = [
+        i
+        for i, row in enumerate(rows)
+        if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
+    ]
+    if not selected:
+        return
+    device = logits.device
+    index = torch.tensor(selected, device=device)
+    counts = _token_counts([rows[i].output_token_ids for i in selected], logits.shape[-1], device)
+    frequency = _float32_tensor([rows[i].params.frequency_penalty for i in selected], device)
+    presence = _float32_tensor([rows[i].params.presence_penalty for i in selected], device)
+    penalty = frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+    logits[index] = logits[index] - penalty
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Masks tokens whose probability is below min_p times the row's top probability, in place.
+    The top token always survives, since min_p <= 1."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
+    Hugging Face), then the smallest set of those whose cumulative probability reaches top_p;
+    the top token is always kept. top_k: [rows] counts in [1, vocab]; top_p: [rows] in (0, 1]."""
+    vocab_size = logits.shape[-1]
+    # Ascending order: the k-th largest value sits at vocab - k, and a token is dropped by
+    # top_p when the probability mass at or below it is at most 1 - top_p.
+    sorted_logits, sorted_ids = logits.sort(dim=-1)
+    kth_largest = sorted_logits.gather(-1, (vocab_size - top_k).unsqueeze(1))
+    sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    mass_at_or_below = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    outside_top_p = mass_at_or_below <= (1.0 - top_p).unsqueeze(1)
+    outside_top_p[:, -1] = False
+    sorted_logits.masked_fill_(outside_top_p, float("-inf"))
+    logits.scatter_(-1, sorted_ids, sorted_logits)
+
+
+def _sampled_tokens(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
+) -> list[SampledToken]:
+    """Packs the chosen tokens with their raw logprobs, and ranks and top logprobs for the rows
+    that asked for logprobs. Moves each result to the host in one transfer."""
+    chosen = raw_logprobs.gather(-1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks: dict[int, int] = {}
+    top_logprobs: dict[int, list[tuple[int, float]]] = {}
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if wanted:
+        index = torch.tensor(wanted, device=raw_logprobs.device)
+        wanted_logprobs = raw_logprobs[index]
+        # Rank 1 + the number of strictly more likely tokens, so ties share the better rank.
+        wanted_ranks = (wanted_logprobs > chosen[index].unsqueeze(1)).sum(dim=-1) + 1
+        num_top = min(max(rows[i].params.logprobs for i in wanted), raw_logprobs.shape[-1])
+        top_values, top_ids = wanted_logprobs.topk(num_top, dim=-1)
+        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+        for j, (i, rank) in enumerate(zip(wanted, wanted_ranks.tolist())):
+            ranks[i] = rank
+            count = rows[i].params.logprobs
+            top_logprobs[i] = list(zip(top_ids_list[j][:count], top_values_list[j][:count]))
+    return [
+        SampledToken(token_id, logprob, ranks.get(i, 0), top_logprobs.get(i, []))
+        for i, (token_id, logprob) in enumerate(zip(token_ids.tolist(), chosen.tolist()))
+    ]

@@ -1,0 +1,222 @@
+"""Iteration-level scheduling under a token budget.
+
+Every step, each running sequence gets its next prefill chunk or one decode token, running
+requests first (oldest first), then waiting ones (first come, first served), until the step's
+token budget (`max_num_batched_tokens`) or `max_num_seqs` is used up. A long prompt is therefore
+prefilled in chunks alongside other requests' decodes.
+
+When the KV pool runs dry, the most recently arrived running request is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed from its prompt and the tokens
+it had generated (so it resumes with the same output). A request that cannot fit even alone
+fails by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
+
+logger = logging.getLogger(__name__)
+
+# Fraction of the KV pool kept free when admitting new requests, so running ones can grow by a
+# few decode steps before anything has to be preempted.
+ADMISSION_WATERMARK = 0.01
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    group: SequenceGroup
+    num_new_tokens: int
+    # After this step the sequence's K/V covers all its tokens, so the model's logits at the last
+    # token give its next one (False for a prefill chunk that leaves tokens for later steps).
+    samples_next_token: bool
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    failed: list[SequenceGroup] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[SequenceGroup] = deque()
+        # NOTE: kept in arrival order, so the preemption victim is always the last one.
+        self.running: list[SequenceGroup] = []
+        self.num_preemptions = 0
+        self._watermark_blocks = int(ADMISSION_WATERMARK * block_manager.pool.num_blocks)
+
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def live_sequences(self) -> list[Sequence]:
+        return [seq for group in self.running for seq in group.live_seqs]
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            group = self.running[index]
+            plan = self._plan(group, budget)
+            if not plan:
+                # NOTE: a decode group that does not fit the remaining budget waits a step.
+                index += 1
+                continue
+            if not self._allocate_or_preempt(group, plan, output):
+                continue  # the group left `running` (preempted or failed): same index, next group
+            output.scheduled.extend(plan)
+            budget -= sum(item.num_new_tokens for item in plan)
+            index += 1
+        if not output.preempted:
+            self._admit_waiting(output, budget)
+        return output
+
+    def _plan(self, group: SequenceGroup, budget: int) -> list[ScheduledSequence]:
+        """Each live sequence's next chunk within the budget, or [] when the group cannot get at
+        least one token per sequence (a group is always scheduled whole)."""
+        seqs = group.live_seqs
+        plan = []
+        for index, seq in enumerate(seqs):
+            # NOTE: keep one token of budget for each sequence after this one.
+            reserved = len(seqs) - 1 - index
+            num_new = min(seq.num_uncomputed_tokens, budget - reserved)
+            if num_new <= 0:
+                return []
+            done = seq.num_computed_tokens + num_new == len(seq.token_ids)
+            plan.append(ScheduledSequence(seq, group, num_new, samples_next_token=done))
+            budget -= num_new
+        return plan
+
+    def _allocate_or_preempt(
+        self, group: SequenceGroup, plan: list[ScheduledSequence], output: SchedulerOutput
+    ) -> bool:
+        while not self._allocate(plan):
+            victim = self.running[-1]
+            if victim is group and len(self.running) == 1:
+                self._fail(group, output, self._too_large_message(group))
+                return False
+            self._preempt(victim, output)
+            if victim is group:
+                return False
+        return True
+
+    def _allocate(self, plan: list[ScheduledSequence]) -> bool:
+        needed = sum(self.blocks.num_new_blocks_needed(item.seq, item.num_new_tokens) for item in plan)
+        if needed > self.blocks.num_free_blocks:
+            return False
+        for item in plan:
+            allocated = self.blocks.allocate_slots(item.seq, item.num_new_tokens)
+            assert allocated
+        return True
+
+    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        num_seqs = sum(len(group.live_seqs) for group in self.running)
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            seqs = group.live_seqs
+            problem = self._never_fits(group)
+            if problem is not None:
+                self.waiting.popleft()
+                self._fail(group, output, problem)
+                continue
+            if num_seqs + len(seqs) > self.max_num_seqs:
+                break
+            for seq in seqs:
+                seq.num_computed_tokens = self.blocks.match_prefix(seq)
+            plan = self._plan(group, budget)
+            needed = sum(self.blocks.num_new_blocks_needed(i.seq, i.num_new_tokens) for i in plan)
+            free = self.blocks.num_free_blocks
+            headroom = self._watermark_blocks if self.running else 0
+            if not plan or needed > free - headroom:
+                self._release(group)
+                if not self.running and needed > free:
+                    # Nothing else holds blocks, so waiting cannot help.
+                    self.waiting.popleft()
+                    self._fail(group, output, self._too_large_message(group))
+                    continue
+                break
+            self._allocate(plan)
+            for seq in seqs:
+                self.blocks.record_prefix_match(seq)
+            self.waiting.popleft()
+            group.status = GroupStatus.RUNNING
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = time.monotonic()
+            self.running.append(group)
+            output.scheduled.extend(plan)
+            budget -= sum(item.num_new_tokens for item in plan)
+            num_seqs += len(plan)
+
+    def _preempt(self, group: SequenceGroup, output: SchedulerOutput) -> None:
+        self.running.remove(group)
+        self._release(group)
+        group.status = GroupStatus.WAITING
+        self.waiting.appendleft(group)
+        self.num_preemptions += 1
+        output.preempted.append(group)
+        logger.info("preempted request %s (KV cache full); it will be recomputed", group.request_id)
+
+    def _release(self, group: SequenceGroup) -> None:
+        for seq in group.seqs:
+            self.blocks.free(seq)
+            seq.reset_for_recompute()
+
+    def _fail(self, group: SequenceGroup, output: SchedulerOutput, message: str) -> None:
+        if group in self.running:
+            self.running.remove(group)
+        self._release(group)
+        group.fail(message)
+        group.status = GroupStatus.FINISHED
+        output.failed.append(group)
+        logger.error("request %s failed: %s", group.request_id, message)
+
+    def _never_fits(self, group: SequenceGroup) -> str | None:
+        """Why a group can never be scheduled, even alone; None when it can."""
+        num_seqs = len(group.live_seqs)
+        if num_seqs > min(self.max_num_seqs, self.max_num_batched_tokens):
+            return (
+                f"request runs {num_seqs} sequences but a step takes at most {self.max_num_seqs} "
+                f"sequences and {self.max_num_batched_tokens} tokens"
+            )
+        if self._blocks_for_all_tokens(group) > self.blocks.pool.num_blocks:
+            return self._too_large_message(group)
+        return None
+
+    def _blocks_for_all_tokens(self, group: SequenceGroup) -> int:
+        return sum(self.blocks.num_blocks_for(len(seq.token_ids)) for seq in group.live_seqs)
+
+    def _too_large_message(self, group: SequenceGroup) -> str:
+        return (
+            f"request needs {self._blocks_for_all_tokens(group)} KV blocks but the whole cache "
+            f"has {self.blocks.pool.num_blocks}; raise num_kv_blocks or lower max_tokens or n"
+        )
+
+    def finish(self, group: SequenceGroup) -> None:
+        """Remove a finished or aborted group from the queues and free its blocks."""
+        if group in self.running:
+            self.running.remove(group)
+        elif group in self.waiting:
+            self.waiting.remove(group)
+        for seq in group.seqs:
+            self.blocks.free(seq)
+        group.status = GroupStatus.FINISHED

@@ -1,0 +1,130 @@
+"""Requests inside the engine: a SequenceGroup holds the sequences one request samples."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+
+from pagoda.backend.detokenizer import IncrementalDetokenizer
+from pagoda.backend.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagoda.backend.sampling_params import SamplingParams
+
+
+class GroupStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    seq_id: int
+    index: int  # position among the request's samples
+    token_ids: list[int]  # prompt followed by the generated tokens
+    num_prompt_tokens: int
+    seed: int | None
+    detokenizer: IncrementalDetokenizer
+    # How many leading tokens have their K/V in the cache; the rest are fed to the model next.
+    num_computed_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: all K/V is gone; prompt and generated tokens are fed again."""
+        self.num_computed_tokens = 0
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    status: GroupStatus = GroupStatus.WAITING
+    error: str | None = None
+    want_logprobs: bool = False
+
+    @property
+    def arrival_time(self) -> float:
+        return self.metrics.arrival_time
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [seq for seq in self.seqs if not seq.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        for seq in self.live_seqs:
+            seq.finish("error")
+
+    def abort(self) -> None:
+        for seq in self.live_seqs:
+            seq.finish("abort")
+
+    def to_output(self) -> RequestOutput:
+        finished = self.is_finished
+        completions = [self._completion(seq, finished) for seq in self.seqs]
+        if finished and len(completions) > self.params.n:
+            # best_of: the n samples with the highest cumulative logprob, best first.
+            completions.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
+            completions = completions[: self.params.n]
+            for index, completion in enumerate(completions):
+                completion.index = index
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=self.metrics,
+            error=self.error,
+        )
+
+    def _completion(self, seq: Sequence, finished: bool) -> CompletionOutput:
+        return CompletionOutput(
+            index=seq.index,
+            text=seq.detokenizer.output_text(finished=seq.is_finished),
+            token_ids=list(seq.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=list(seq.logprobs) if self.want_logprobs else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+
+def sample_seed(request_seed: int | None, sample_index: int) -> int | None:
+    """Each sample of a seeded request gets its own reproducible stream; sample 0 uses the
+    request's seed as is, so n=1 matches a plain seeded request."""
+    if request_seed is None or sample_index == 0:
+        return request_seed
+    digest = hashlib.blake2b(f"{request_seed}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -1,0 +1,194 @@
+"""Offline throughput: Pagoda's `LLM.generate` against transformers `generate` with static
+batching, on the same model and the same synthetic ShareGPT-like workload, in one run.
+
+Static batching is the baseline of vLLM's headline: requests are batched in arrival order,
+padded on the left, and each batch decodes until its longest request is done. Both sides ignore
+EOS and generate exactly each request's output length, so they do the same useful work; throughput
+counts useful generated tokens per second of wall time. A second, untimed Pagoda pass samples the
+KV cache every step and reports the waste (1 - tokens / slots of used blocks) at peak usage.
+
+    python benchmarks/throughput.py [--model DIR] [--num-requests 200] [--hf-batch-size 32]
+
+Writes benchmarks/results/throughput-<machine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from pagoda.backend import LLM, SamplingParams
+from pagoda.backend.demo import demo_model_path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+# Means of ShareGPT conversations' prompt and completion lengths in tokens, as reported in the
+# vLLM paper (Kwon et al., 2023, table 1 / fig. 11): 161 in, 338 out. Lengths are drawn
+# log-normally around those means (sigma 1), which gives ShareGPT's long tail.
+SHAREGPT_MEAN_PROMPT = 161
+SHAREGPT_MEAN_OUTPUT = 338
+LOGNORMAL_SIGMA = 1.0
+
+
+@dataclass(slots=True)
+class Request:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+def sharegpt_like(
+    num_requests: int, vocab_size: int, max_model_len: int, seed: int, scale: float
+) -> list[Request]:
+    """Seeded synthetic requests with ShareGPT's mean lengths times `scale`, long-tailed."""
+    rng = np.random.default_rng(seed)
+
+    def lengths(mean: float) -> np.ndarray:
+        mu = np.log(mean * scale) - LOGNORMAL_SIGMA**2 / 2  # so the mean is mean * scale
+        return np.maximum(1, rng.lognormal(mu, LOGNORMAL_SIGMA, num_requests).astype(int))
+
+    requests = []
+    for prompt_len, output_len in zip(lengths(SHAREGPT_MEAN_PROMPT), lengths(SHAREGPT_MEAN_OUTPUT)):
+        prompt_len = int(min(prompt_len, max_model_len // 2))
+        output_len = int(min(output_len, max_model_len - prompt_len))
+        prompt = [1] + rng.integers(3, vocab_size, prompt_len - 1).tolist() if prompt_len > 1 else [1]
+        requests.append(Request(prompt, output_len))
+    return requests
+
+
+def run_pagoda(llm: LLM, requests: list[Request]) -> float:
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests
+    ]
+    started = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params)
+    elapsed = time.perf_counter() - started
+    generated = [len(o.outputs[0].token_ids) for o in outputs]
+    assert generated == [r.output_len for r in requests], "pagoda generated unexpected lengths"
+    return elapsed
+
+
+def peak_kv_waste(llm: LLM, requests: list[Request]) -> dict[str, float]:
+    """Step the engine by hand, reading KV stats after every step; stats at peak block use."""
+    engine = llm.engine
+    for index, request in enumerate(requests):
+        params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
+        engine.add_request(f"waste-{index}", request.prompt_token_ids, params)
+    peak = engine.kv_stats()
+    while engine.has_unfinished_requests():
+        engine.step()
+        stats = engine.kv_stats()
+        if stats.num_used_blocks > peak.num_used_blocks:
+            peak = stats
+    engine.check_no_leaks()
+    return {
+        "peak_used_blocks": peak.num_used_blocks,
+        "peak_tokens": peak.num_tokens,
+        "total_blocks": peak.num_blocks,
+        "block_size": peak.block_size,
+        "kv_waste_at_peak": peak.waste,
+    }
+
+
+def run_transformers_static(model_dir: Path, requests: list[Request], batch_size: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    started = time.perf_counter()
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    for batch in tqdm(batches, desc="transformers static batches"):
+        width = max(len(r.prompt_token_ids) for r in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, request in enumerate(batch):  # left padding, as decoder-only generation needs
+            input_ids[row, width - len(request.prompt_token_ids) :] = torch.tensor(
+                request.prompt_token_ids
+            )
+            attention_mask[row, width - len(request.prompt_token_ids) :] = 1
+        longest = max(r.output_len for r in batch)
+        with torch.no_grad():
+            model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                max_new_tokens=longest, min_new_tokens=longest, pad_token_id=0,
+            )
+    return time.perf_counter() - started
+
+
+def machine_description() -> dict[str, object]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--length-scale", type=float, default=1.0,
+                        help="multiply ShareGPT's mean lengths (smaller for quick runs)")
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
+    args = parser.parse_args()
+
+    model_dir = Path(args.model) if args.model else demo_model_path()
+    llm = LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    requests = sharegpt_like(args.num_requests, llm.engine.hf_config.vocab_size,
+                             llm.engine.max_model_len, args.seed, args.length_scale)
+    useful_tokens = sum(r.output_len for r in requests)
+
+    pagoda_seconds = run_pagoda(llm, requests)
+    waste = peak_kv_waste(llm, requests)
+    hf_seconds = run_transformers_static(model_dir, requests, args.hf_batch_size)
+
+    result = {
+        "benchmark": "offline throughput, ShareGPT-like mix",
+        "machine": machine_description(),
+        "model": str(model_dir) if args.model else "pagoda demo model",
+        "num_requests": len(requests),
+        "mean_prompt_tokens": float(np.mean([len(r.prompt_token_ids) for r in requests])),
+        "mean_output_tokens": float(np.mean([r.output_len for r in requests])),
+        "useful_output_tokens": useful_tokens,
+        "pagoda": {"seconds": pagoda_seconds, "tokens_per_s": useful_tokens / pagoda_seconds,
+                   "max_num_seqs": args.max_num_seqs,
+                   "max_num_batched_tokens": args.max_num_batched_tokens},
+        "transformers_static": {"seconds": hf_seconds, "tokens_per_s": useful_tokens / hf_seconds,
+                                "batch_size": args.hf_batch_size},
+        "speedup_vs_static": hf_seconds / pagoda_seconds,
+        **waste,
+        "settings": vars(args),
+        "requests": [asdict(r) | {"prompt_token_ids": len(r.prompt_token_ids)} for r in requests],
+    }
+    output = Path(args.output) if args.output else RESULTS_DIR / "throughput-cpu.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("pagoda", "transformers_static",
+                                              "speedup_vs_static", "kv_waste_at_peak")}, indent=2))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

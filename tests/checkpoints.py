@@ -1,0 +1,70 @@
+"""Tiny Hugging Face checkpoints with random weights, built by the tests themselves."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json", "chat_template.jinja")
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    # Wider than the default 0.02 so the next-token distribution is peaked: near-ties between
+    # the top two logits would make greedy parity depend on rounding.
+    initializer_range=0.2,
+)
+
+VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
+    "llama-gqa": (LlamaConfig, "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "llama-mha-tied": (LlamaConfig, "LlamaForCausalLM",
+                       dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-sharded": (LlamaConfig, "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "llama3-rope": (LlamaConfig, "LlamaForCausalLM", dict(
+        num_key_value_heads=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    )),
+    "mistral-window": (MistralConfig, "MistralForCausalLM",
+                       dict(num_key_value_heads=2, sliding_window=40)),
+    "qwen2": (Qwen2Config, "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+}
+
+
+def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Path:
+    """Save a float32 random-weight model of `variant` with the demo tokenizer into output_dir."""
+    config_class, architecture, overrides = VARIANTS[variant]
+    vocab_size = _vocab_size(tokenizer_dir)
+    settings = {**COMMON, **overrides}
+    if config_class is not LlamaConfig:
+        settings.pop("mlp_bias", None)
+    config = config_class(vocab_size=vocab_size, architectures=[architecture], **settings)
+    torch.manual_seed(sum(map(ord, variant)))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shard = "20KB" if variant == "llama-sharded" else "2GB"
+    model.save_pretrained(output_dir, safe_serialization=True, max_shard_size=shard)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, output_dir / name)
+    return output_dir
+
+
+def _vocab_size(tokenizer_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir))

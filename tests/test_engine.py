@@ -1,0 +1,212 @@
+"""The engine's behaviour around the model: validation, failures, aborts, stops, sampling
+reproducibility, n/best_of, streaming text and KV accounting. Every test ends with no leaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagoda.backend import LLM, LLMEngine, SamplingParams
+from pagoda.backend.config import EngineConfig
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir) -> LLM:
+    return LLM(str(demo_model_dir), num_kv_blocks=256, max_num_batched_tokens=256)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    yield
+    if "llm" in request.fixturenames:
+        request.getfixturevalue("llm").engine.check_no_leaks()
+
+
+def run_to_completion(engine: LLMEngine) -> dict[str, list]:
+    """Step until idle; every output of every request, in order."""
+    history: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            history.setdefault(output.request_id, []).append(output)
+    return history
+
+
+def test_bad_requests_raise_naming_the_problem(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("a", [], SamplingParams())
+    with pytest.raises(ValueError, match="prompt: token id"):
+        engine.add_request("b", [1, 10**9], SamplingParams())
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request("c", [1, 5], SamplingParams(stop_token_ids=[10**9]))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("d", [1] * engine.max_model_len, SamplingParams())
+    with pytest.raises(ValueError, match="use_beam_search"):
+        engine.add_request("e", [1, 5], SamplingParams(use_beam_search=True))
+    engine.add_request("f", [1, 5], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("f", [1, 5], SamplingParams())
+    run_to_completion(engine)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("max_tokens", 0), ("n", 0),
+     ("min_p", 1.5), ("presence_penalty", 3.0), ("repetition_penalty", 0.0), ("logprobs", -1),
+     ("temperature", float("nan")), ("best_of", 0)],
+)
+def test_sampling_params_name_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_request_too_large_for_the_cache_fails_alone(demo_model_dir):
+    # 4 blocks of 16 tokens: one sequence fits, four samples of a 30-token prompt never can.
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=4))
+    engine.add_request("big", [1] + [7] * 29, SamplingParams(n=4, max_tokens=20, seed=1))
+    engine.add_request("small", [1, 7, 8], SamplingParams(max_tokens=5, ignore_eos=True))
+    history = run_to_completion(engine)
+    big = history["big"][-1]
+    assert big.finished and big.error and "KV blocks" in big.error
+    assert all(c.finish_reason == "error" for c in big.outputs)
+    small = history["small"][-1]
+    assert small.error is None and len(small.outputs[0].token_ids) == 5
+    engine.check_no_leaks()
+
+
+def test_abort_mid_decode_frees_blocks(llm):
+    engine = llm.engine
+    engine.add_request("x", [1, 20, 30, 40], SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.add_request("y", [1, 21, 31], SamplingParams(max_tokens=3, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    assert engine.kv_stats().num_used_blocks > 0
+    aborted = engine.abort("x")
+    assert aborted is not None and aborted.finished
+    assert aborted.outputs[0].finish_reason == "abort"
+    assert engine.abort("x") is None
+    run_to_completion(engine)
+
+
+def test_stop_string_cuts_text_and_reports_reason(llm):
+    prompt = [1, 300, 301, 302, 303]
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    expected = text[: text.index(stop)]
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                              stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.text == expected
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop)
+    kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                               stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == expected + stop
+
+
+def test_stop_token_and_length_finish_reasons(llm):
+    prompt = [1, 400, 401]
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop_token = free.token_ids[5]
+    first = free.token_ids.index(stop_token)
+    stopped = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                  stop_token_ids=[stop_token]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_token)
+
+
+def test_min_tokens_defers_eos(llm):
+    eos = llm.get_tokenizer().eos_token_id
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=8, logit_bias={eos: 100.0})
+    output = llm.generate([1, 50, 51], params, use_tqdm=False)[0].outputs[0]
+    assert eos not in output.token_ids and len(output.token_ids) == 8
+    eager = SamplingParams(temperature=0, max_tokens=8, min_tokens=3, logit_bias={eos: 100.0})
+    output = llm.generate([1, 50, 51], eager, use_tqdm=False)[0].outputs[0]
+    # Three tokens under the mask, then the biased eos ends it.
+    assert len(output.token_ids) == 4 and output.token_ids[-1] == eos
+    assert (output.finish_reason, output.stop_reason) == ("stop", None)
+
+
+def test_seeded_sampling_is_independent_of_the_batch(demo_model_dir):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=20, ignore_eos=True)
+    prompt = [1, 100, 200, 300]
+    alone = LLM(str(demo_model_dir), num_kv_blocks=64)
+    reference = alone.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    alone.engine.check_no_leaks()
+    # Same request among unseeded neighbours, with a pool small enough to preempt.
+    crowded = LLM(str(demo_model_dir), num_kv_blocks=6, max_num_batched_tokens=32)
+    others = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    prompts = [[1, 5, 6, 7] * 5, prompt, [1, 9] * 10, [1, 11, 12]]
+    outputs = crowded.generate(prompts, [others, params, others, others], use_tqdm=False)
+    assert outputs[1].outputs[0].token_ids == reference
+    assert crowded.engine.scheduler.num_preemptions > 0
+    crowded.engine.check_no_leaks()
+
+
+def test_n_samples_and_best_of(llm):
+    prompt = [1, 60, 61, 62]
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True)
+    output = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1, "samples should differ"
+    single = SamplingParams(temperature=1.0, seed=3, max_tokens=10, ignore_eos=True)
+    assert llm.generate(prompt, single, use_tqdm=False)[0].outputs[0].token_ids == \
+        output.outputs[0].token_ids
+
+    best = SamplingParams(n=2, best_of=5, temperature=1.0, seed=3, max_tokens=10, ignore_eos=True)
+    output = llm.generate(prompt, best, use_tqdm=False)[0]
+    assert len(output.outputs) == 2
+    scores = [c.cumulative_logprob for c in output.outputs]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_streamed_text_only_grows(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=60, ignore_eos=True)
+    for index in range(4):
+        engine.add_request(f"s{index}", [1, 70 + index, 80], params)
+    history = run_to_completion(engine)
+    for outputs in history.values():
+        texts = [o.outputs[0].text for o in outputs]
+        for before, after in zip(texts, texts[1:]):
+            assert after.startswith(before)
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 60
+
+
+def test_kv_accounting_while_running(llm):
+    engine = llm.engine
+    total = engine.kv_stats().num_blocks
+    for index, length in enumerate((10, 40, 70)):
+        engine.add_request(f"kv{index}", [1] * length, SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    stats = engine.kv_stats()
+    block_size = stats.block_size
+    assert stats.num_tokens == 10 + 40 + 70
+    assert stats.num_used_blocks == sum(-(-n // block_size) for n in (10, 40, 70))
+    assert stats.num_blocks == total
+    assert 0.0 <= stats.waste < 1.0
+    run_to_completion(engine)
+    assert engine.kv_stats().num_used_blocks == 0
+
+
+def test_chat_uses_the_template(llm):
+    output = llm.chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+        SamplingParams(max_tokens=5), use_tqdm=False,
+    )[0]
+    assert output.prompt.startswith("Be brief. USER: Hi there ASSISTANT:")
+    assert output.prompt_token_ids[0] == llm.get_tokenizer().bos_token_id
+    assert output.prompt_token_ids.count(llm.get_tokenizer().bos_token_id) == 1
+
+
+def test_generation_stops_at_max_model_len(demo_model_dir):
+    engine_llm = LLM(str(demo_model_dir), num_kv_blocks=16, max_model_len=32)
+    output = engine_llm.generate([1] * 20, SamplingParams(max_tokens=None, ignore_eos=True),
+                                 use_tqdm=False)[0]
+    assert output.outputs[0].finish_reason == "length"
+    assert len(output.prompt_token_ids) + len(output.outputs[0].token_ids) == 32
+    engine_llm.engine.check_no_leaks()

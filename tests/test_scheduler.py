@@ -1,0 +1,570 @@
+"""Scheduler: token budget, chunked prefill, admission, preemption and failure, on a fake engine.
+
+The fake engine does what LLMEngine.step does around the model: after schedule() it adds each
+scheduled sequence's new tokens to num_computed_tokens, publishes full blocks, and appends a
+token (1000 + its output index) when the step completes the sequence's tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.outputs import RequestMetrics
+from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.scheduler import Scheduler, SchedulerOutput
+from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
+
+_seq_ids = itertools.count()
+
+FIRST_OUTPUT_TOKEN = 1000
+
+
+def make_group(
+    request_id: str, prompt_len: int, *, n: int = 1, max_tokens: int = 16, first_token: int = 0
+) -> SequenceGroup:
+    prompt = list(range(first_token, first_token + prompt_len))
+    seqs = [
+        Sequence(
+            seq_id=next(_seq_ids),
+            index=index,
+            token_ids=list(prompt),
+            num_prompt_tokens=prompt_len,
+            seed=None,
+            detokenizer=None,  # the scheduler never touches it
+        )
+        for index in range(n)
+    ]
+    return SequenceGroup(
+        request_id=request_id,
+        prompt=None,
+        prompt_token_ids=prompt,
+        params=SamplingParams(n=n, max_tokens=max_tokens),
+        seqs=seqs,
+        metrics=RequestMetrics(arrival_time=time.monotonic()),
+    )
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int = 4,
+        max_num_seqs: int = 8,
+        max_num_batched_tokens: int = 64,
+        enable_prefix_caching: bool = False,
+    ) -> None:
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.finished: list[SequenceGroup] = []
+
+    def add(self, *groups: SequenceGroup) -> None:
+        for group in groups:
+            self.scheduler.add(group)
+
+    def step(self) -> SchedulerOutput:
+        output = self.scheduler.schedule()
+        assert output.num_batched_tokens <= self.scheduler.max_num_batched_tokens
+        assert len(output.scheduled) <= self.scheduler.max_num_seqs
+        touched: dict[str, SequenceGroup] = {}
+        for item in output.scheduled:
+            assert item.num_new_tokens > 0
+            completes = item.samples_next_token
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.cache_computed_blocks(seq)
+            if completes:
+                seq.token_ids.append(FIRST_OUTPUT_TOKEN + seq.num_output_tokens)
+                if seq.num_output_tokens >= item.group.params.max_tokens:
+                    seq.finish("length")
+            touched[item.group.request_id] = item.group
+        for group in [*touched.values(), *output.failed]:
+            if group.is_finished:
+                self.scheduler.finish(group)
+                self.finished.append(group)
+        self.blocks.check_invariants()
+        return output
+
+    def run_until_done(self, max_steps: int = 200) -> list[SchedulerOutput]:
+        outputs = []
+        while self.scheduler.has_unfinished():
+            assert len(outputs) < max_steps, "the scheduler made no progress"
+            outputs.append(self.step())
+        return outputs
+
+    def check_no_leaks(self) -> None:
+        assert not self.scheduler.has_unfinished()
+        self.blocks.check_invariants()
+        assert self.blocks.block_tables == {}
+        assert self.blocks.pool.num_used_blocks == 0
+
+
+def scheduled(output: SchedulerOutput) -> list[tuple[str, int, int]]:
+    """(request id, sample index, tokens this step) for each scheduled sequence, in order."""
+    return [
+        (item.group.request_id, item.seq.index, item.num_new_tokens) for item in output.scheduled
+    ]
+
+
+def table(engine: FakeEngine, group: SequenceGroup, index: int = 0) -> list[int]:
+    return engine.blocks.block_ids(group.seqs[index].seq_id)
+
+
+# -- token budget and chunked prefill ----------------------------------------------------------
+
+
+def test_long_prompt_is_prefilled_in_budget_sized_chunks() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=16)
+    group = make_group("A", 40, max_tokens=3)
+    seq = group.seqs[0]
+    engine.add(group)
+
+    output = engine.step()
+    assert scheduled(output) == [("A", 0, 16)]
+    assert seq.num_computed_tokens == 16 and len(seq.token_ids) == 40
+    assert table(engine, group) == [0, 1, 2, 3]
+    assert group.status is GroupStatus.RUNNING
+
+    assert scheduled(engine.step()) == [("A", 0, 16)]
+    assert seq.num_computed_tokens == 32 and len(seq.token_ids) == 40
+    assert len(table(engine, group)) == 8
+
+    assert scheduled(engine.step()) == [("A", 0, 8)]  # the last chunk completes the prompt
+    assert seq.num_computed_tokens == 40
+    assert seq.output_token_ids == [1000]
+    assert len(table(engine, group)) == 10
+
+    assert scheduled(engine.step()) == [("A", 0, 1)]  # decodes get one token
+    assert len(table(engine, group)) == 11
+    assert scheduled(engine.step()) == [("A", 0, 1)]
+    assert seq.output_token_ids == [1000, 1001, 1002]
+    assert seq.finish_reason == "length"
+    assert engine.finished == [group]
+    assert group.status is GroupStatus.FINISHED
+    engine.check_no_leaks()
+
+
+def test_samples_next_token_marks_only_the_last_chunk() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=16)
+    group = make_group("A", 20)
+    engine.add(group)
+    first = engine.scheduler.schedule()
+    assert [item.samples_next_token for item in first.scheduled] == [False]
+    group.seqs[0].num_computed_tokens += 16
+    second = engine.scheduler.schedule()
+    assert scheduled(second) == [("A", 0, 4)]
+    assert [item.samples_next_token for item in second.scheduled] == [True]
+
+
+def test_running_groups_are_scheduled_before_waiting_ones() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=16)
+    first = make_group("A", 6, max_tokens=10)
+    engine.add(first)
+    assert scheduled(engine.step()) == [("A", 0, 6)]
+
+    second = make_group("B", 30, max_tokens=2, first_token=100)
+    engine.add(second)
+    # A's decode comes first; B's prefill gets what is left of the budget.
+    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 15)]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 15)]
+    assert second.seqs[0].output_token_ids == [1000]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 1)]
+    assert second.is_finished
+    engine.run_until_done()
+    assert first.seqs[0].num_output_tokens == 10
+    engine.check_no_leaks()
+
+
+def test_waiting_groups_get_nothing_when_running_ones_use_the_budget() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=2)
+    first = make_group("A", 1, n=2, max_tokens=3)
+    engine.add(first)
+    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
+    second = make_group("B", 1)
+    engine.add(second)
+    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
+    assert list(engine.scheduler.waiting) == [second]
+    assert second.status is GroupStatus.WAITING
+    assert second.seqs[0].seq_id not in engine.blocks.block_tables
+    engine.run_until_done()
+    engine.check_no_leaks()
+
+
+def test_samples_of_a_group_each_get_a_block_table_and_a_decode_token() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=64)
+    group = make_group("A", 5, n=3, max_tokens=2)
+    engine.add(group)
+    assert scheduled(engine.step()) == [("A", 0, 5), ("A", 1, 5), ("A", 2, 5)]
+    assert [table(engine, group, index) for index in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
+    assert all(seq.output_token_ids == [1000, 1001] for seq in group.seqs)
+    engine.check_no_leaks()
+
+
+def test_multi_sample_prompt_shorter_than_the_budget_is_split_across_samples() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=8)
+    group = make_group("A", 5, n=2, max_tokens=2)
+    engine.add(group)
+    assert scheduled(engine.step()) == [("A", 0, 5), ("A", 1, 3)]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 2)]
+    engine.run_until_done()
+    assert all(seq.num_output_tokens == 2 for seq in group.seqs)
+    engine.check_no_leaks()
+
+
+def test_multi_sample_prompt_longer_than_the_budget_is_still_scheduled() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=8)
+    group = make_group("A", 8, n=2, max_tokens=2)
+    later = make_group("B", 2, max_tokens=1)
+    engine.add(group, later)
+    engine.run_until_done(max_steps=20)
+    assert all(seq.num_output_tokens == 2 for seq in group.seqs)
+    assert later.is_finished
+    engine.check_no_leaks()
+
+
+# -- max_num_seqs ------------------------------------------------------------------------------
+
+
+def test_max_num_seqs_limits_admission() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_seqs=2)
+    groups = [make_group(name, 4, max_tokens=2) for name in "ABC"]
+    engine.add(*groups)
+    assert scheduled(engine.step()) == [("A", 0, 4), ("B", 0, 4)]
+    assert list(engine.scheduler.waiting) == [groups[2]]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 1)]
+    assert engine.finished == groups[:2]
+    assert scheduled(engine.step()) == [("C", 0, 4)]
+    engine.run_until_done()
+    engine.check_no_leaks()
+
+
+def test_max_num_seqs_counts_every_sample_of_a_group() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_seqs=3)
+    first = make_group("A", 4, n=2, max_tokens=1)
+    second = make_group("B", 4, n=2, max_tokens=1)
+    engine.add(first, second)
+    assert scheduled(engine.step()) == [("A", 0, 4), ("A", 1, 4)]
+    assert list(engine.scheduler.waiting) == [second]
+    assert scheduled(engine.step()) == [("B", 0, 4), ("B", 1, 4)]
+    engine.check_no_leaks()
+
+
+def test_group_with_more_samples_than_max_num_seqs_fails_instead_of_blocking() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_seqs=2)
+    too_wide = make_group("A", 4, n=3)
+    later = make_group("B", 4, max_tokens=1)
+    engine.add(too_wide, later)
+    output = engine.step()
+    assert output.failed == [too_wide]
+    assert too_wide.error is not None
+    assert scheduled(output) == [("B", 0, 4)]
+
+
+# -- preemption --------------------------------------------------------------------------------
+
+
+def test_the_last_arrived_running_group_is_preempted_and_later_resumes() -> None:
+    engine = FakeEngine(num_blocks=6, max_num_batched_tokens=64)
+    first = make_group("A", 8, max_tokens=6)
+    second = make_group("B", 8, max_tokens=8, first_token=100)
+    engine.add(first, second)
+    assert scheduled(engine.step()) == [("A", 0, 8), ("B", 0, 8)]
+    assert table(engine, first) == [0, 1] and table(engine, second) == [2, 3]
+
+    third = make_group("C", 8, max_tokens=1, first_token=200)
+    engine.add(third)
+    output = engine.step()  # each decode takes a third block: the pool is full
+    assert scheduled(output) == [("A", 0, 1), ("B", 0, 1)]
+    assert table(engine, first) == [0, 1, 4] and table(engine, second) == [2, 3, 5]
+    assert engine.blocks.num_free_blocks == 0
+    assert list(engine.scheduler.waiting) == [third]
+
+    for _ in range(3):  # positions 9..11 fit the third blocks
+        output = engine.step()
+        assert scheduled(output) == [("A", 0, 1), ("B", 0, 1)]
+        assert output.preempted == []
+    assert engine.scheduler.num_preemptions == 0
+
+    # A's 13th token needs a fourth block: B, the last to arrive, gives its blocks up.
+    output = engine.step()
+    assert output.preempted == [second]
+    assert scheduled(output) == [("A", 0, 1)]
+    assert engine.scheduler.num_preemptions == 1
+    assert engine.scheduler.running == []  # A finished in this step
+    assert list(engine.scheduler.waiting) == [second, third]
+    assert second.status is GroupStatus.WAITING
+    b_seq = second.seqs[0]
+    assert b_seq.num_computed_tokens == 0
+    assert b_seq.seq_id not in engine.blocks.block_tables
+    assert b_seq.output_token_ids == [1000, 1001, 1002, 1003, 1004]  # kept for recompute
+    assert first.seqs[0].output_token_ids == list(range(1000, 1006))
+    # B's blocks went back last first, A took the head; then A finished and freed its own.
+    assert [block.block_id for block in engine.blocks.pool.free_queue] == [3, 2, 5, 4, 1, 0]
+
+    # No admission in a step that preempted; the next step recomputes B ahead of C.
+    output = engine.step()
+    assert scheduled(output) == [("B", 0, 13), ("C", 0, 8)]
+    assert table(engine, second) == [3, 2, 5, 4]
+    assert b_seq.output_token_ids == list(range(1000, 1006))
+
+    engine.run_until_done()
+    assert b_seq.output_token_ids == list(range(1000, 1008))
+    assert third.seqs[0].output_token_ids == [1000]
+    assert engine.scheduler.num_preemptions == 1
+    engine.check_no_leaks()
+
+
+def test_no_admission_in_a_step_that_preempts() -> None:
+    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
+    first = make_group("A", 4, max_tokens=8)
+    second = make_group("B", 4, max_tokens=8, first_token=100)
+    engine.add(first, second)
+    engine.step()
+    engine.step()  # both take a second block
+    tiny = make_group("C", 1, max_tokens=1, first_token=200)
+    engine.add(tiny)
+    for _ in range(3):
+        output = engine.step()
+    assert output.preempted == []
+    output = engine.step()  # A needs a third block: B is preempted
+    assert output.preempted == [second]
+    assert scheduled(output) == [("A", 0, 1)]
+    # C would fit in B's freed blocks, but waits behind B.
+    assert list(engine.scheduler.waiting) == [second, tiny]
+    engine.run_until_done()
+    engine.check_no_leaks()
+
+
+def test_preempting_several_groups_keeps_the_waiting_queue_in_arrival_order() -> None:
+    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
+    first = make_group("A", 4, n=2, max_tokens=3)
+    second = make_group("B", 4, max_tokens=3, first_token=100)
+    third = make_group("C", 4, max_tokens=3, first_token=200)
+    engine.add(first, second, third)
+    assert scheduled(engine.step()) == [("A", 0, 4), ("A", 1, 4), ("B", 0, 4), ("C", 0, 4)]
+    assert engine.blocks.num_free_blocks == 0
+
+    # A's two samples each need a second block: C, then B, are preempted.
+    output = engine.step()
+    assert output.preempted == [third, second]
+    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1)]
+    assert table(engine, first, 0) == [0, 3] and table(engine, first, 1) == [1, 2]
+    assert list(engine.scheduler.waiting) == [second, third]
+    assert engine.scheduler.num_preemptions == 2
+
+    output = engine.step()  # B and C still do not fit
+    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1)]
+    assert first.is_finished
+
+    output = engine.step()
+    assert scheduled(output) == [("B", 0, 5), ("C", 0, 5)]
+    engine.run_until_done()
+    assert second.seqs[0].output_token_ids == [1000, 1001, 1002]
+    assert third.seqs[0].output_token_ids == [1000, 1001, 1002]
+    engine.check_no_leaks()
+
+
+def test_admission_keeps_a_watermark_of_free_blocks_while_others_run() -> None:
+    # 200 blocks: the 1% watermark is 2 blocks.
+    for prompt_len, admitted in ((32, True), (33, False)):
+        engine = FakeEngine(num_blocks=200, max_num_batched_tokens=1024)
+        first = make_group("A", 759, max_tokens=4)
+        engine.add(first)
+        engine.step()
+        assert len(table(engine, first)) == 190
+        second = make_group("B", prompt_len, first_token=5000)
+        engine.add(second)
+        output = engine.step()
+        assert engine.blocks.num_free_blocks == (10 - 8 if admitted else 10)
+        assert (second in engine.scheduler.running) is admitted
+        assert len(output.scheduled) == (2 if admitted else 1)
+
+
+# -- failure -----------------------------------------------------------------------------------
+
+
+def test_a_group_larger_than_the_pool_fails_at_admission_at_once() -> None:
+    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
+    small = make_group("A", 4, max_tokens=2)
+    engine.add(small)
+    engine.step()
+    huge = make_group("B", 20, first_token=100)  # 5 blocks; the pool has 4
+    later = make_group("C", 4, max_tokens=1, first_token=200)
+    engine.add(huge, later)
+
+    output = engine.step()  # B can never fit: it fails without waiting; C goes ahead
+    assert output.failed == [huge]
+    assert scheduled(output) == [("A", 0, 1), ("C", 0, 4)]
+    assert huge.status is GroupStatus.FINISHED
+    assert huge.seqs[0].finish_reason == "error"
+    assert "5 KV blocks" in huge.error and "has 4" in huge.error and "num_kv_blocks" in huge.error
+    assert huge not in engine.scheduler.waiting and huge not in engine.scheduler.running
+    assert huge.seqs[0].seq_id not in engine.blocks.block_tables
+    assert engine.blocks.pool.num_evictions == 0
+
+    engine.run_until_done()
+    assert small.seqs[0].output_token_ids == [1000, 1001]
+    assert later.seqs[0].output_token_ids == [1000]
+    assert later.error is None
+    engine.check_no_leaks()
+
+
+def test_a_sequence_that_outgrows_the_pool_while_alone_fails() -> None:
+    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=8)
+    group = make_group("A", 16, max_tokens=10)  # the prompt fills all 4 blocks
+    engine.add(group)
+    assert scheduled(engine.step()) == [("A", 0, 8)]
+    assert scheduled(engine.step()) == [("A", 0, 8)]
+    assert engine.blocks.num_free_blocks == 0
+    output = engine.step()  # its first decode needs a fifth block
+    assert output.failed == [group]
+    assert output.scheduled == [] and output.preempted == []
+    assert engine.scheduler.num_preemptions == 0
+    assert group.error is not None and "num_kv_blocks" in group.error
+    assert group.seqs[0].finish_reason == "error"
+    engine.check_no_leaks()
+
+
+def test_a_group_that_outgrows_the_pool_preempts_itself_until_alone_then_fails() -> None:
+    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=8)
+    small = make_group("D", 4, max_tokens=6)
+    grower = make_group("A", 12, max_tokens=10, first_token=100)  # fits, then outgrows the pool
+    engine.add(small, grower)
+    outputs = engine.run_until_done()
+
+    failed_at = next(step for step, output in enumerate(outputs) if output.failed)
+    assert outputs[failed_at].failed == [grower]
+    # The grower, the last to arrive, preempts itself; the small one never stops.
+    assert all(output.preempted in ([], [grower]) for output in outputs)
+    assert engine.scheduler.num_preemptions >= 1
+    assert small.seqs[0].output_token_ids == list(range(1000, 1006))
+    assert small.error is None
+    assert grower.error is not None and grower.seqs[0].finish_reason == "error"
+    engine.check_no_leaks()
+
+
+# -- finish ------------------------------------------------------------------------------------
+
+
+def test_finish_frees_the_blocks_of_a_running_group() -> None:
+    engine = FakeEngine(num_blocks=16, max_num_batched_tokens=8)
+    group = make_group("A", 20)
+    engine.add(group)
+    engine.step()
+    engine.step()
+    assert engine.blocks.pool.num_used_blocks > 0
+    engine.scheduler.finish(group)  # an abort, mid-prefill
+    assert group.status is GroupStatus.FINISHED
+    assert engine.scheduler.running == []
+    engine.check_no_leaks()
+
+
+def test_finish_removes_a_waiting_group() -> None:
+    engine = FakeEngine(num_blocks=16, max_num_seqs=1)
+    first = make_group("A", 4, max_tokens=2)
+    second = make_group("B", 4)
+    engine.add(first, second)
+    engine.step()
+    assert list(engine.scheduler.waiting) == [second]
+    engine.scheduler.finish(second)
+    assert list(engine.scheduler.waiting) == []
+    assert second.status is GroupStatus.FINISHED
+    engine.run_until_done()
+    engine.check_no_leaks()
+
+
+# -- prefix caching through the scheduler ------------------------------------------------------
+
+
+def test_admission_skips_the_cached_prefix() -> None:
+    engine = FakeEngine(num_blocks=16, max_num_batched_tokens=64, enable_prefix_caching=True)
+    first = make_group("A", 10, max_tokens=1)
+    engine.add(first)
+    assert scheduled(engine.step()) == [("A", 0, 10)]
+    assert first.is_finished
+    second = make_group("B", 10, max_tokens=1)
+    engine.add(second)
+    output = engine.step()
+    assert scheduled(output) == [("B", 0, 2)]  # two cached blocks hit
+    assert engine.blocks.prefix_cache_hits == 2
+    engine.check_no_leaks()
+
+
+def test_prefix_cache_hits_are_counted_once_per_admitted_request() -> None:
+    engine = FakeEngine(num_blocks=5, max_num_batched_tokens=64, enable_prefix_caching=True)
+    engine.add(make_group("A", 8, max_tokens=1))
+    engine.step()  # blocks 0 and 1 cached
+    engine.add(make_group("R", 4, max_tokens=6, first_token=500))
+    engine.step()
+    # B hits A's two blocks but needs two more; only one is free until R finishes.
+    second = make_group("B", 13, max_tokens=1)
+    engine.add(second)
+    engine.run_until_done()
+    assert second.seqs[0].output_token_ids == [1000]
+    # Counted once per admission, in blocks: A looked up (8 - 1) // 4 = 1, B (13 - 1) // 4 = 3.
+    assert engine.blocks.prefix_cache_hits == 2
+    assert engine.blocks.prefix_cache_queries == 4
+
+
+def test_a_preempted_group_with_prefix_caching_resumes_from_its_cached_blocks() -> None:
+    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64, enable_prefix_caching=True)
+    first = make_group("A", 4, max_tokens=6)
+    second = make_group("B", 4, max_tokens=8, first_token=100)
+    engine.add(first, second)
+    for _ in range(5):
+        engine.step()
+    assert table(engine, first) == [0, 2] and table(engine, second) == [1, 3]
+    assert engine.blocks.pool.num_evictions == 0
+
+    # A needs a third block: B is preempted and A takes B's last block, evicting it from the
+    # cache; B's first block stays cached.
+    output = engine.step()
+    assert output.preempted == [second]
+    assert engine.blocks.pool.num_evictions == 1
+    assert first.is_finished
+
+    # B (9 tokens) recomputes only what the cache lost: its first block is a hit.
+    output = engine.step()
+    assert scheduled(output) == [("B", 0, 5)]
+    assert engine.blocks.prefix_cache_hits == 1
+    assert table(engine, second) == [1, 3, 2]
+    engine.run_until_done()
+    assert engine.scheduler.num_preemptions == 1
+    assert first.seqs[0].output_token_ids == list(range(1000, 1006))
+    assert second.seqs[0].output_token_ids == list(range(1000, 1008))
+    engine.check_no_leaks()
+
+
+# -- a mixed workload --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enable_prefix_caching", [False, True])
+def test_mixed_workload_runs_to_completion_without_leaks(enable_prefix_caching: bool) -> None:
+    engine = FakeEngine(
+        num_blocks=9,
+        max_num_seqs=4,
+        max_num_batched_tokens=10,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    groups = [
+        make_group("A", 13, max_tokens=5),
+        make_group("B", 3, n=2, max_tokens=4),
+        make_group("C", 13, max_tokens=3),  # same prompt as A
+        make_group("D", 7, max_tokens=6, first_token=50),
+        make_group("E", 30, max_tokens=2, first_token=80),
+    ]
+    engine.add(*groups)
+    engine.run_until_done()
+    for group in groups:
+        assert group.error is None
+        assert all(
+            seq.output_token_ids == list(range(1000, 1000 + group.params.max_tokens))
+            for seq in group.seqs
+        )
+    assert engine.scheduler.num_preemptions > 0  # the pool is small enough to force some
+    engine.check_no_leaks()

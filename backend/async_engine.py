@@ -1,0 +1,181 @@
+"""AsyncEngine: an LLMEngine stepping on its own thread, streaming outputs to asyncio callers.
+
+The event loop never waits for the model: requests and aborts are handed to the engine thread
+through a queue, and each request's outputs come back through its own asyncio.Queue. So a server
+keeps answering (health checks, metrics, new connections) while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pagoda.backend.engine import LLMEngine, Prompt
+from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """Counters read by servers (metrics, FastChat queue length); refreshed after every step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass(slots=True)
+class _Submit:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    stream: _Stream
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class _Stream:
+    """One request's outputs, pushed from the engine thread into the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread = threading.Thread(target=self._loop, name="pagoda-engine", daemon=True)
+        self._stopped = False
+        self.snapshot = self._take_snapshot()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still running are aborted."""
+        self._stopped = True
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes. A request the engine rejects raises
+        ValueError on the first iteration. Leaving the loop early (a disconnected client, a
+        cancelled task) aborts the request, which frees its KV blocks within one step."""
+        if self._stopped:
+            raise RuntimeError("the engine is shut down")
+        stream = _Stream(asyncio.get_running_loop())
+        self._inbox.put(_Submit(request_id, prompt, params, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.engine.has_unfinished_requests()):
+                break
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a model failure must not kill the server
+                logger.exception("engine step failed; failing the requests in flight")
+                self._fail_all(error)
+                continue
+            for output in outputs:
+                self._deliver(output)
+            self.snapshot = self._take_snapshot()
+        self._fail_all(RuntimeError("the engine shut down"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued submissions and aborts; False once shutdown was asked for."""
+        try:
+            message = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if message is None:
+                return False
+            self._apply(message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, message: _Submit | _Abort) -> None:
+        if isinstance(message, _Abort):
+            self._streams.pop(message.request_id, None)
+            self.engine.abort(message.request_id)
+            self.snapshot = self._take_snapshot()
+            return
+        try:
+            self.engine.add_request(message.request_id, message.prompt, message.params)
+        except ValueError as error:
+            message.stream.put(error)
+            return
+        self._streams[message.request_id] = message.stream
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        if output.finished:
+            del self._streams[output.request_id]
+        stream.put(output)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.put(RuntimeError(f"request failed inside the engine: {error}"))
+        self._streams.clear()
+        self.snapshot = self._take_snapshot()
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        scheduler = self.engine.scheduler
+        blocks = self.engine.block_manager
+        return EngineSnapshot(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_kv_blocks_used=blocks.pool.num_used_blocks,
+            num_kv_blocks_total=blocks.pool.num_blocks,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits,
+        )

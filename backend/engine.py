@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from pagoda.backend.attention import get_attention_backend
+from pagoda.backend.beam_search import BeamSearchState, advance_beams
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
@@ -112,8 +113,6 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if params.use_beam_search:
-            raise ValueError("use_beam_search is not supported by this engine yet")
         limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         if params.num_sequences > limit:
             raise ValueError(
@@ -129,7 +128,8 @@ class LLMEngine:
             params=params,
             seqs=[self._new_sequence(prompt_ids, params, i) for i in range(params.num_sequences)],
             metrics=RequestMetrics(arrival_time or time.monotonic()),
-            want_logprobs=params.logprobs is not None,
+            want_logprobs=params.logprobs is not None and not params.use_beam_search,
+            beam=self._beam_state(params, len(prompt_ids)),
         )
         self.requests[request_id] = group
         self.scheduler.add(group)
@@ -185,6 +185,20 @@ class LLMEngine:
                 "which must also leave room for at least one generated token"
             )
 
+    def _beam_state(self, params: SamplingParams, prompt_len: int) -> BeamSearchState | None:
+        if not params.use_beam_search:
+            return None
+        room = self.max_model_len - prompt_len
+        return BeamSearchState(
+            width=params.num_sequences,
+            length_penalty=params.length_penalty,
+            early_stopping=params.early_stopping,
+            max_new_tokens=min(params.max_tokens or room, room),
+            stop_token_ids=frozenset(
+                set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            ),
+        )
+
     def _new_sequence(self, prompt_ids: list[int], params: SamplingParams, index: int) -> Sequence:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
@@ -220,34 +234,60 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch. Returns an output for every request that produced a token,
-        finished or failed in this step."""
+        finished or failed in this step (beam search requests: only when finished)."""
         plan = self.scheduler.schedule()
-        touched: dict[str, SequenceGroup] = {}
-        for group in plan.failed:
-            touched[group.request_id] = group
-        if plan.scheduled:
-            sampled = self.runner.execute(plan.scheduled)
-            now = time.monotonic()
-            for item, token in zip(plan.scheduled, sampled):
-                item.seq.num_computed_tokens += item.num_new_tokens
-                self.block_manager.cache_computed_blocks(item.seq)
-                if token is None:
-                    continue
-                self.output_processor.append_token(item.group, item.seq, token)
-                if item.seq.is_finished:
+        touched: dict[str, SequenceGroup] = {group.request_id: group for group in plan.failed}
+        result = self.runner.execute(plan.scheduled, plan.block_copies)
+        now = time.monotonic()
+        beam_rows: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
+        for index, item in enumerate(plan.scheduled):
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(item.seq)
+            if index in result.beam_log_probs:
+                beam_rows.setdefault(item.group.request_id, []).append(
+                    (item.seq, result.beam_log_probs[index])
+                )
+            if index not in result.samples:
+                continue
+            for follower in item.followers:
+                self.block_manager.fork(item.seq, follower)
+                follower.num_computed_tokens = item.seq.num_computed_tokens
+            for seq, token in zip([item.seq, *item.followers], result.samples[index]):
+                self.output_processor.append_token(item.group, seq, token)
+                if seq.is_finished:
                     # Its siblings may run on; its blocks are not needed any more.
-                    self.block_manager.free(item.seq)
-                if item.group.metrics.first_token_time is None:
-                    item.group.metrics.first_token_time = now
-                touched[item.group.request_id] = item.group
+                    self.block_manager.free(seq)
+            touched[item.group.request_id] = item.group
+        for request_id, rows in beam_rows.items():
+            group = self.requests[request_id]
+            advance_beams(group, rows, self.block_manager, self._fork_sequence, self.tokenizer)
+            if group.is_finished:
+                touched[request_id] = group
         outputs = []
         for request_id, group in touched.items():
+            if group.metrics.first_token_time is None and any(s.num_output_tokens for s in group.seqs):
+                group.metrics.first_token_time = now
             if group.is_finished:
                 self.scheduler.finish(group)
                 self.requests.pop(request_id, None)
                 group.metrics.finished_time = time.monotonic()
             outputs.append(group.to_output())
         return outputs
+
+    def _fork_sequence(self, parent: Sequence) -> Sequence:
+        """A new beam continuing `parent`: same tokens and (shared) KV blocks."""
+        child = Sequence(
+            seq_id=next(self._seq_ids),
+            index=parent.index,
+            token_ids=list(parent.token_ids),
+            num_prompt_tokens=parent.num_prompt_tokens,
+            seed=parent.seed,
+            detokenizer=None,
+            num_computed_tokens=parent.num_computed_tokens,
+            cumulative_logprob=parent.cumulative_logprob,
+        )
+        self.block_manager.fork(parent, child)
+        return child
 
     def kv_stats(self) -> KVStats:
         return self.block_manager.stats(self.scheduler.live_sequences())

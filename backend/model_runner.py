@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from pagoda.backend.attention import AttentionBackend, BatchLayout
@@ -9,6 +11,18 @@ from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
 from pagoda.backend.sampler import SampledToken, Sampler, SamplingRow
 from pagoda.backend.scheduler import ScheduledSequence
+from pagoda.backend.sequence import Sequence
+from pagoda.kernels import copy_blocks_reference
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a step produced, keyed by index into the scheduled list."""
+
+    # Sampled tokens: the sequence's first, then one per follower.
+    samples: dict[int, list[SampledToken]] = field(default_factory=dict)
+    # Beam search: the sequence's processed next-token log-probabilities [vocab], float32.
+    beam_log_probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -29,24 +43,55 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> list[SampledToken | None]:
-        """Feed every scheduled sequence its new tokens; sample a next token for each sequence
-        whose tokens are then all computed (None for the others, mid-prefill)."""
+    def execute(
+        self, scheduled: list[ScheduledSequence], block_copies: list[tuple[int, int]]
+    ) -> StepResult:
+        """Apply pending copy-on-write copies, feed every scheduled sequence its new tokens, and
+        for each one whose tokens are then all computed: sample its next token (and its
+        followers'), or for beam search return its next-token log-probabilities."""
+        if block_copies:
+            sources, targets = zip(*block_copies)
+            copy_blocks_reference(
+                self.kv_caches,
+                torch.tensor(sources, device=self.device),
+                torch.tensor(targets, device=self.device),
+            )
+        result = StepResult()
+        if not scheduled:
+            return result
         input_ids, positions, layout = self._prepare(scheduled)
         metadata = self.backend.prepare(layout, self.device, self.model.sliding_window)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        sampling = [i for i, item in enumerate(scheduled) if item.samples_next_token]
-        results: list[SampledToken | None] = [None] * len(scheduled)
-        if not sampling:
-            return results
+        finishing = [i for i, item in enumerate(scheduled) if item.samples_next_token]
+        if not finishing:
+            return result
         last_rows = torch.tensor(
-            [layout.query_start_loc[i + 1] - 1 for i in sampling], device=self.device
+            [layout.query_start_loc[i + 1] - 1 for i in finishing], device=self.device
         )
         logits = self.model.compute_logits(hidden[last_rows])
-        rows = [_sampling_row(scheduled[i]) for i in sampling]
-        for i, token in zip(sampling, self.sampler(logits, rows)):
-            results[i] = token
-        return results
+        beams = [n for n, i in enumerate(finishing) if scheduled[i].group.params.use_beam_search]
+        if beams:
+            rows = [_sampling_row(scheduled[finishing[n]].seq, scheduled[finishing[n]]) for n in beams]
+            log_probs = torch.log_softmax(logits[beams].float(), dim=-1)
+            processed = self.sampler.process_logits(log_probs, rows)
+            for n, row in zip(beams, processed):
+                result.beam_log_probs[finishing[n]] = row
+        # Every sampling sequence gets a row; followers reuse their leader's logits.
+        owners: list[tuple[int, int]] = []  # (index in scheduled, row of logits)
+        sampling_rows: list[SamplingRow] = []
+        beam_set = set(beams)
+        for n, i in enumerate(finishing):
+            if n in beam_set:
+                continue
+            item = scheduled[i]
+            for seq in [item.seq, *item.followers]:
+                owners.append((i, n))
+                sampling_rows.append(_sampling_row(seq, item))
+        if sampling_rows:
+            row_index = torch.tensor([n for _, n in owners], device=self.device)
+            for (i, _), token in zip(owners, self.sampler(logits[row_index], sampling_rows)):
+                result.samples.setdefault(i, []).append(token)
+        return result
 
     def _prepare(
         self, scheduled: list[ScheduledSequence]
@@ -83,8 +128,7 @@ class ModelRunner:
         )
 
 
-def _sampling_row(item: ScheduledSequence) -> SamplingRow:
-    seq = item.seq
+def _sampling_row(seq: Sequence, item: ScheduledSequence) -> SamplingRow:
     return SamplingRow(
         params=item.group.params,
         prompt_token_ids=item.group.prompt_token_ids,

@@ -28,6 +28,7 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    score: float | None = None  # beam search: the length-penalised score it was ranked by
 
     @property
     def finished(self) -> bool:

@@ -36,6 +36,9 @@ class ScheduledSequence:
     # After this step the sequence's K/V covers all its tokens, so the model's logits at the last
     # token give its next one (False for a prefill chunk that leaves tokens for later steps).
     samples_next_token: bool
+    # Samples of the same request riding on this sequence's prompt prefill: once it completes,
+    # they fork its blocks and each draws its own first token from the same logits.
+    followers: list[Sequence] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -43,6 +46,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[SequenceGroup] = field(default_factory=list)
     failed: list[SequenceGroup] = field(default_factory=list)
+    # Copy-on-write block copies the model runner applies before this step's forward.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -89,12 +94,19 @@ class Scheduler:
             index += 1
         if not output.preempted:
             self._admit_waiting(output, budget)
+        output.block_copies = self.blocks.take_block_copies()
         return output
 
     def _plan(self, group: SequenceGroup, budget: int) -> list[ScheduledSequence]:
         """Each live sequence's next chunk within the budget, or [] when the group cannot get at
-        least one token per sequence (a group is always scheduled whole)."""
+        least one token per sequence (a group is always scheduled whole). Samples that have not
+        diverged yet share one prefill, run by the first of them."""
         seqs = group.live_seqs
+        if group.shares_prompt_prefill:
+            lead = seqs[0]
+            num_new = min(lead.num_uncomputed_tokens, budget)
+            done = lead.num_computed_tokens + num_new == len(lead.token_ids)
+            return [ScheduledSequence(lead, group, num_new, done, followers=seqs[1:])]
         plan = []
         for index, seq in enumerate(seqs):
             # NOTE: keep one token of budget for each sequence after this one.
@@ -141,7 +153,8 @@ class Scheduler:
                 continue
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
-            for seq in seqs:
+            table_holders = seqs[:1] if group.shares_prompt_prefill else seqs
+            for seq in table_holders:
                 seq.num_computed_tokens = self.blocks.match_prefix(seq)
             plan = self._plan(group, budget)
             needed = sum(self.blocks.num_new_blocks_needed(i.seq, i.num_new_tokens) for i in plan)
@@ -156,7 +169,7 @@ class Scheduler:
                     continue
                 break
             self._allocate(plan)
-            for seq in seqs:
+            for seq in table_holders:
                 self.blocks.record_prefix_match(seq)
             self.waiting.popleft()
             group.status = GroupStatus.RUNNING
@@ -165,7 +178,7 @@ class Scheduler:
             self.running.append(group)
             output.scheduled.extend(plan)
             budget -= sum(item.num_new_tokens for item in plan)
-            num_seqs += len(plan)
+            num_seqs += len(seqs)
 
     def _preempt(self, group: SequenceGroup, output: SchedulerOutput) -> None:
         self.running.remove(group)
@@ -203,7 +216,11 @@ class Scheduler:
         return None
 
     def _blocks_for_all_tokens(self, group: SequenceGroup) -> int:
-        return sum(self.blocks.num_blocks_for(len(seq.token_ids)) for seq in group.live_seqs)
+        seqs = group.live_seqs
+        if group.shares_prompt_prefill:
+            # One copy of the prompt, plus a private copy of its last block per other sample.
+            return self.blocks.num_blocks_for(len(seqs[0].token_ids)) + len(seqs) - 1
+        return sum(self.blocks.num_blocks_for(len(seq.token_ids)) for seq in seqs)
 
     def _too_large_message(self, group: SequenceGroup) -> str:
         return (

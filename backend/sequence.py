@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.backend.beam_search import BeamSearchState
 
 
 class GroupStatus(enum.Enum):
@@ -24,7 +28,7 @@ class Sequence:
     token_ids: list[int]  # prompt followed by the generated tokens
     num_prompt_tokens: int
     seed: int | None
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None for beams: their text is made at the end
     # How many leading tokens have their K/V in the cache; the rest are fed to the model next.
     num_computed_tokens: int = 0
     cumulative_logprob: float = 0.0
@@ -68,6 +72,8 @@ class SequenceGroup:
     status: GroupStatus = GroupStatus.WAITING
     error: str | None = None
     want_logprobs: bool = False
+    beam: BeamSearchState | None = None
+    beam_results: list[CompletionOutput] | None = None  # the best hypotheses, once finished
 
     @property
     def arrival_time(self) -> float:
@@ -81,6 +87,11 @@ class SequenceGroup:
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
 
+    @property
+    def shares_prompt_prefill(self) -> bool:
+        """Several samples that have not drawn a token yet: one prefill serves them all."""
+        return len(self.seqs) > 1 and all(seq.num_output_tokens == 0 for seq in self.seqs)
+
     def fail(self, error: str) -> None:
         self.error = error
         for seq in self.live_seqs:
@@ -92,8 +103,11 @@ class SequenceGroup:
 
     def to_output(self) -> RequestOutput:
         finished = self.is_finished
-        completions = [self._completion(seq, finished) for seq in self.seqs]
-        if finished and len(completions) > self.params.n:
+        if self.beam_results is not None:
+            completions = self.beam_results
+        else:
+            completions = [self._completion(seq) for seq in self.seqs]
+        if finished and len(completions) > self.params.n and self.beam is None:
             # best_of: the n samples with the highest cumulative logprob, best first.
             completions.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
             completions = completions[: self.params.n]
@@ -109,10 +123,11 @@ class SequenceGroup:
             error=self.error,
         )
 
-    def _completion(self, seq: Sequence, finished: bool) -> CompletionOutput:
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        text = seq.detokenizer.output_text(finished=seq.is_finished) if seq.detokenizer else ""
         return CompletionOutput(
             index=seq.index,
-            text=seq.detokenizer.output_text(finished=seq.is_finished),
+            text=text,
             token_ids=list(seq.output_token_ids),
             cumulative_logprob=seq.cumulative_logprob,
             logprobs=list(seq.logprobs) if self.want_logprobs else None,

@@ -40,8 +40,6 @@ def test_bad_requests_raise_naming_the_problem(llm):
         engine.add_request("c", [1, 5], SamplingParams(stop_token_ids=[10**9]))
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("d", [1] * engine.max_model_len, SamplingParams())
-    with pytest.raises(ValueError, match="use_beam_search"):
-        engine.add_request("e", [1, 5], SamplingParams(use_beam_search=True))
     engine.add_request("f", [1, 5], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("f", [1, 5], SamplingParams())

@@ -69,7 +69,7 @@ class FakeEngine:
     def step(self) -> SchedulerOutput:
         output = self.scheduler.schedule()
         assert output.num_batched_tokens <= self.scheduler.max_num_batched_tokens
-        assert len(output.scheduled) <= self.scheduler.max_num_seqs
+        assert sum(1 + len(i.followers) for i in output.scheduled) <= self.scheduler.max_num_seqs
         touched: dict[str, SequenceGroup] = {}
         for item in output.scheduled:
             assert item.num_new_tokens > 0
@@ -78,9 +78,15 @@ class FakeEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self.blocks.cache_computed_blocks(seq)
             if completes:
-                seq.token_ids.append(FIRST_OUTPUT_TOKEN + seq.num_output_tokens)
-                if seq.num_output_tokens >= item.group.params.max_tokens:
-                    seq.finish("length")
+                # Samples riding on a shared prompt prefill fork its blocks, as the engine does.
+                for follower in item.followers:
+                    self.blocks.fork(seq, follower)
+                    follower.num_computed_tokens = seq.num_computed_tokens
+                for sample in [seq, *item.followers]:
+                    sample.token_ids.append(FIRST_OUTPUT_TOKEN + sample.num_output_tokens)
+                    if sample.num_output_tokens >= item.group.params.max_tokens:
+                        sample.finish("length")
+                        self.blocks.free(sample)
             touched[item.group.request_id] = item.group
         for group in [*touched.values(), *output.failed]:
             if group.is_finished:
@@ -183,7 +189,7 @@ def test_waiting_groups_get_nothing_when_running_ones_use_the_budget() -> None:
     engine = FakeEngine(num_blocks=64, max_num_batched_tokens=2)
     first = make_group("A", 1, n=2, max_tokens=3)
     engine.add(first)
-    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
+    assert scheduled(engine.step()) == [("A", 0, 1)]  # one shared prefill for both samples
     second = make_group("B", 1)
     engine.add(second)
     assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
@@ -194,23 +200,37 @@ def test_waiting_groups_get_nothing_when_running_ones_use_the_budget() -> None:
     engine.check_no_leaks()
 
 
-def test_samples_of_a_group_each_get_a_block_table_and_a_decode_token() -> None:
+def test_samples_share_the_prompt_prefill_then_copy_the_last_block_on_write() -> None:
     engine = FakeEngine(num_blocks=64, max_num_batched_tokens=64)
-    group = make_group("A", 5, n=3, max_tokens=2)
+    group = make_group("A", 5, n=3, max_tokens=3)
     engine.add(group)
-    assert scheduled(engine.step()) == [("A", 0, 5), ("A", 1, 5), ("A", 2, 5)]
-    assert [table(engine, group, index) for index in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    output = engine.step()
+    assert scheduled(output) == [("A", 0, 5)]
+    assert output.scheduled[0].followers == group.seqs[1:]
+    # After the shared prefill every sample holds the same two blocks.
+    assert [table(engine, group, index) for index in range(3)] == [[0, 1]] * 3
+    assert [engine.blocks.pool.blocks[b].ref_count for b in (0, 1)] == [3, 3]
+    output = engine.step()
+    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
+    # Writing position 5 lands in shared block 1: the first two samples copy it, the last
+    # one (now its only owner) writes in place. Block 0 (full) stays shared.
+    assert output.block_copies == [(1, 2), (1, 3)]
+    assert [table(engine, group, index) for index in range(3)] == [[0, 2], [0, 3], [0, 1]]
+    assert engine.blocks.pool.blocks[0].ref_count == 3
+    assert engine.blocks.num_copy_on_write == 2
     assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
-    assert all(seq.output_token_ids == [1000, 1001] for seq in group.seqs)
+    assert all(seq.output_token_ids == [1000, 1001, 1002] for seq in group.seqs)
     engine.check_no_leaks()
 
 
-def test_multi_sample_prompt_shorter_than_the_budget_is_split_across_samples() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=8)
-    group = make_group("A", 5, n=2, max_tokens=2)
+def test_shared_prefill_is_chunked_by_the_budget() -> None:
+    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=4)
+    group = make_group("A", 10, n=2, max_tokens=2)
     engine.add(group)
-    assert scheduled(engine.step()) == [("A", 0, 5), ("A", 1, 3)]
-    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 2)]
+    assert scheduled(engine.step()) == [("A", 0, 4)]
+    assert scheduled(engine.step()) == [("A", 0, 4)]
+    assert scheduled(engine.step()) == [("A", 0, 2)]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
     engine.run_until_done()
     assert all(seq.num_output_tokens == 2 for seq in group.seqs)
     engine.check_no_leaks()
@@ -245,12 +265,13 @@ def test_max_num_seqs_limits_admission() -> None:
 
 def test_max_num_seqs_counts_every_sample_of_a_group() -> None:
     engine = FakeEngine(num_blocks=64, max_num_seqs=3)
-    first = make_group("A", 4, n=2, max_tokens=1)
+    first = make_group("A", 4, n=2, max_tokens=2)
     second = make_group("B", 4, n=2, max_tokens=1)
     engine.add(first, second)
-    assert scheduled(engine.step()) == [("A", 0, 4), ("A", 1, 4)]
+    assert scheduled(engine.step()) == [("A", 0, 4)]  # B's two samples would make four
     assert list(engine.scheduler.waiting) == [second]
-    assert scheduled(engine.step()) == [("B", 0, 4), ("B", 1, 4)]
+    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
+    assert scheduled(engine.step()) == [("B", 0, 4)]
     engine.check_no_leaks()
 
 
@@ -342,23 +363,22 @@ def test_no_admission_in_a_step_that_preempts() -> None:
 
 def test_preempting_several_groups_keeps_the_waiting_queue_in_arrival_order() -> None:
     engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
-    first = make_group("A", 4, n=2, max_tokens=3)
+    first = make_group("A", 4, n=3, max_tokens=3)
     second = make_group("B", 4, max_tokens=3, first_token=100)
     third = make_group("C", 4, max_tokens=3, first_token=200)
     engine.add(first, second, third)
-    assert scheduled(engine.step()) == [("A", 0, 4), ("A", 1, 4), ("B", 0, 4), ("C", 0, 4)]
-    assert engine.blocks.num_free_blocks == 0
+    assert scheduled(engine.step()) == [("A", 0, 4), ("B", 0, 4), ("C", 0, 4)]
+    assert engine.blocks.num_free_blocks == 1
 
-    # A's two samples each need a second block: C, then B, are preempted.
+    # A's three samples each need a second block (one free): C, then B, are preempted.
     output = engine.step()
     assert output.preempted == [third, second]
-    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1)]
-    assert table(engine, first, 0) == [0, 3] and table(engine, first, 1) == [1, 2]
+    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
     assert list(engine.scheduler.waiting) == [second, third]
     assert engine.scheduler.num_preemptions == 2
 
     output = engine.step()  # B and C still do not fit
-    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1)]
+    assert scheduled(output) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
     assert first.is_finished
 
     output = engine.step()

@@ -44,6 +44,9 @@ class BlockManager:
         self._block_keys: dict[int, list[BlockKey]] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.num_copy_on_write = 0
+        # (source, destination) block ids the model runner must copy before the next forward.
+        self._pending_copies: list[tuple[int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,7 +57,18 @@ class BlockManager:
 
     def num_new_blocks_needed(self, seq: SequenceTokens, num_new_tokens: int) -> int:
         table = self.block_tables.get(seq.seq_id, [])
-        return max(0, self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table))
+        grow = max(0, self.num_blocks_for(seq.num_computed_tokens + num_new_tokens) - len(table))
+        return grow + (1 if self._shared_write_block(seq, table) is not None else 0)
+
+    def _shared_write_block(self, seq: SequenceTokens, table: list[KVBlock]) -> int | None:
+        """Index of the partly filled block the next token goes into, when another sequence holds
+        it too (a fork's shared last block): writing there needs a private copy first."""
+        if seq.num_computed_tokens % self.block_size == 0:
+            return None  # the next token starts a fresh block
+        index = seq.num_computed_tokens // self.block_size
+        if index < len(table) and table[index].ref_count > 1:
+            return index
+        return None
 
     def match_prefix(self, seq: SequenceTokens) -> int:
         """Attach the cached blocks that hold a prefix of a sequence with no blocks yet.
@@ -97,9 +111,38 @@ class BlockManager:
         if needed > self.pool.num_free_blocks:
             return False
         table = self.block_tables.setdefault(seq.seq_id, [])
+        shared = self._shared_write_block(seq, table)
+        if shared is not None:
+            # Copy-on-write: this sequence moves to a private copy; the others keep the original.
+            (private,) = self.pool.allocate(1)
+            self._pending_copies.append((table[shared].block_id, private.block_id))
+            self.pool.release([table[shared]])
+            table[shared] = private
+            self.num_copy_on_write += 1
+            needed -= 1
         if needed:
             table.extend(self.pool.allocate(needed))
         return True
+
+    def fork(self, parent: SequenceTokens, child: SequenceTokens) -> None:
+        """Give `child` the parent's blocks, shared (one more reference each); the first write
+        into a shared partly filled block copies it (see allocate_slots)."""
+        assert child.seq_id not in self.block_tables, "fork into a sequence that holds blocks"
+        table = self.block_tables[parent.seq_id]
+        for block in table:
+            self.pool.share(block)
+        self.block_tables[child.seq_id] = list(table)
+        self._block_keys[child.seq_id] = list(self._block_keys.get(parent.seq_id, []))
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write copies decided since the last call, in order."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    @property
+    def num_shared_blocks(self) -> int:
+        """Blocks currently held by more than one sequence."""
+        return sum(1 for block in self.pool.blocks if block.ref_count > 1)
 
     def cache_computed_blocks(self, seq: SequenceTokens) -> None:
         """Publish the sequence's newly completed full blocks to the prefix cache."""

@@ -1,0 +1,200 @@
+"""Beam search over a request's sequences, with transformers' scoring and stopping rules.
+
+Each step every live beam contributes its next-token log-probabilities; the best 2 x width
+continuations overall are ranked. Those among the top `width` that end (EOS, or the length limit)
+become finished hypotheses scored `sum_logprobs / generated_len ** length_penalty`; the best
+`width` that do not end become the next beams. The search stops as transformers' does:
+`early_stopping=True` once `width` hypotheses are finished; False when the best running beam,
+at its current length, can no longer beat the worst finished one; "never" the same but judging
+the running beam at the maximum length when length_penalty > 0.
+
+This module only decides; the engine forks and frees the sequences (and so the KV blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from pagoda.backend.detokenizer import IncrementalDetokenizer
+from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.outputs import CompletionOutput
+from pagoda.backend.sequence import Sequence, SequenceGroup
+
+# Score given to slots that must never be chosen, as transformers does.
+IMPOSSIBLE = -1.0e9
+
+
+@dataclass(slots=True)
+class Hypothesis:
+    """A finished beam: its generated tokens and its length-penalised score."""
+
+    output_token_ids: list[int]
+    score: float
+    cumulative_logprob: float
+
+
+@dataclass(slots=True)
+class Continuation:
+    """A running beam for the next step: parent beam (index into the step's beams) + token."""
+
+    parent: int
+    token_id: int
+    cumulative_logprob: float
+
+
+@dataclass(slots=True)
+class BeamDecision:
+    continuations: list[Continuation]
+    done: bool
+
+
+@dataclass(slots=True)
+class BeamSearchState:
+    width: int
+    length_penalty: float
+    early_stopping: bool | str
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]  # tokens that end a beam (EOS unless ignored, stop ids)
+    finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
+    improvable: bool = True  # transformers' "early stop heuristic unsatisfied"
+
+    def step(
+        self,
+        log_probs: torch.Tensor,
+        beam_scores: list[float],
+        beam_outputs: list[list[int]],
+    ) -> BeamDecision:
+        """Advance the search by one token.
+
+        log_probs: [num_beams, vocab] (processed) next-token log-probabilities of the live beams;
+        beam_scores: their running sums of log-probabilities; beam_outputs: their generated tokens.
+        """
+        num_beams, vocab_size = log_probs.shape
+        totals = log_probs.float() + torch.tensor(beam_scores, dtype=torch.float32)[:, None]
+        num_candidates = min(2 * self.width, num_beams * vocab_size)
+        top_scores, top_indices = torch.topk(totals.flatten(), num_candidates)
+        generated_len = len(beam_outputs[0]) + 1  # every beam has generated the same number
+        reaches_limit = generated_len >= self.max_new_tokens
+
+        all_full = len(self.finished) == self.width
+        new_hypotheses: list[Hypothesis] = []
+        continuations: list[Continuation] = []
+        all_candidates_end = True
+        for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_indices.tolist())):
+            parent, token_id = divmod(index, vocab_size)
+            ends = reaches_limit or token_id in self.stop_token_ids
+            all_candidates_end &= ends
+            if not ends:
+                if len(continuations) < self.width:
+                    continuations.append(Continuation(parent, token_id, score))
+                continue
+            # Only the top `width` candidates may finish; the rest exist to keep beams running.
+            may_finish = rank < self.width and self.improvable and not (
+                all_full and self.early_stopping is True
+            )
+            if may_finish:
+                new_hypotheses.append(
+                    Hypothesis(beam_outputs[parent] + [token_id],
+                               score / generated_len**self.length_penalty, score)
+                )
+        merged = self.finished + new_hypotheses
+        merged.sort(key=lambda h: h.score, reverse=True)
+        self.finished = merged[: self.width]
+
+        if continuations:
+            self._update_improvable(continuations[0].cumulative_logprob, generated_len)
+        done = (
+            all_candidates_end
+            or not continuations
+            or not self.improvable
+            or (len(self.finished) == self.width and self.early_stopping is True)
+        )
+        return BeamDecision(continuations=[] if done else continuations, done=done)
+
+    def _update_improvable(self, best_running_score: float, generated_len: int) -> None:
+        if len(self.finished) < self.width:
+            return  # an empty slot can always be filled
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best_length = self.max_new_tokens
+        else:
+            best_length = generated_len
+        best_possible = best_running_score / best_length**self.length_penalty
+        worst_finished = min(h.score for h in self.finished)
+        self.improvable = self.improvable and best_possible > worst_finished
+
+
+def advance_beams(
+    group: SequenceGroup,
+    rows: list[tuple[Sequence, torch.Tensor]],
+    blocks: BlockManager,
+    fork_sequence: Callable[[Sequence], Sequence],
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """One beam-search step for a request: rank the continuations of its beams (`rows`: each
+    computed beam with its next-token log-probabilities), then fork the beams that continue more
+    than once, drop the ones that do not continue, or finish the request with its best
+    hypotheses."""
+    state = group.beam
+    assert state is not None
+    beams = [seq for seq, _ in rows]
+    decision = state.step(
+        torch.stack([row for _, row in rows]),
+        [beam.cumulative_logprob for beam in beams],
+        [beam.output_token_ids for beam in beams],
+    )
+    if decision.done:
+        group.beam_results = [
+            _completion(group, index, hypothesis, tokenizer)
+            for index, hypothesis in enumerate(state.finished[: group.params.n])
+        ]
+        for seq in group.live_seqs:
+            seq.finish("stop")
+        return
+    # NOTE: fork every extra child before appending any token: a child copies its parent's
+    # tokens as they were when the parent was computed.
+    continuing: set[int] = set()
+    children: list[tuple[Sequence, Continuation]] = []
+    for continuation in decision.continuations:
+        parent = beams[continuation.parent]
+        if continuation.parent in continuing:
+            children.append((fork_sequence(parent), continuation))
+        else:
+            continuing.add(continuation.parent)
+            children.append((parent, continuation))
+    for child, continuation in children:
+        child.token_ids.append(continuation.token_id)
+        child.cumulative_logprob = continuation.cumulative_logprob
+    for index, beam in enumerate(beams):
+        if index not in continuing:
+            blocks.free(beam)
+    # Samples that rode on the shared prompt prefill hold no blocks and are simply dropped.
+    group.seqs = [child for child, _ in children]
+
+
+def _completion(
+    group: SequenceGroup, index: int, hypothesis: Hypothesis, tokenizer: PreTrainedTokenizerBase
+) -> CompletionOutput:
+    params = group.params
+    state = group.beam
+    assert state is not None
+    tokens = hypothesis.output_token_ids
+    stopped = tokens[-1] in state.stop_token_ids
+    detokenizer = IncrementalDetokenizer(
+        tokenizer, group.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+    )
+    shown = tokens if (not stopped or params.include_stop_str_in_output) else tokens[:-1]
+    for token_id in shown:
+        detokenizer.add_token(token_id)
+    return CompletionOutput(
+        index=index,
+        text=detokenizer.output_text(finished=True),
+        token_ids=list(tokens),
+        cumulative_logprob=hypothesis.cumulative_logprob,
+        logprobs=None,
+        finish_reason="stop" if stopped else "length",
+        score=hypothesis.score,
+    )

@@ -38,7 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=2048)
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                       default=False)
+                       default=True)
     group.add_argument("--allow-pickle-weights", action="store_true",
                        help="allow loading pickle (.bin) weights, which can run arbitrary code")
     group.add_argument("--trust-remote-code", action="store_true")

@@ -39,7 +39,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     allow_pickle_weights: bool = False
     trust_remote_code: bool = False
 

@@ -1,0 +1,160 @@
+"""Prefix sharing: parallel samples fork one prompt prefill, beam search against transformers,
+prefix caching across requests, and nothing leaking on aborts."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagoda.backend import LLM, LLMEngine, SamplingParams
+from pagoda.backend.config import EngineConfig
+from pagoda.backend.sequence import sample_seed
+
+
+@cache
+def hf_model(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def random_prompt(length: int, seed: int, vocab_size: int = 4000) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist()
+
+
+@pytest.mark.parametrize(
+    ("width", "n", "length_penalty", "early_stopping"),
+    [(4, 2, 1.0, False), (3, 3, 0.5, True), (4, 1, 2.0, "never"), (2, 2, 1.0, False)],
+)
+def test_beam_search_matches_transformers(checkpoint, width, n, length_penalty, early_stopping):
+    path = checkpoint("llama-gqa")
+    llm = LLM(str(path), num_kv_blocks=128, max_num_batched_tokens=64)
+    vocab = llm.engine.hf_config.vocab_size
+    prompts = [random_prompt(length, seed, vocab) for seed, length in enumerate((7, 21, 40))]
+    max_tokens = 12
+    params = SamplingParams(
+        n=n, best_of=width, use_beam_search=True, temperature=0.0, max_tokens=max_tokens,
+        length_penalty=length_penalty, early_stopping=early_stopping,
+    )
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            reference = hf_model(path).generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False, num_beams=width, num_return_sequences=n, max_new_tokens=max_tokens,
+                length_penalty=length_penalty, early_stopping=early_stopping,
+                output_scores=True, return_dict_in_generate=True,
+            )
+        assert len(output.outputs) == n
+        for completion, sequence, score in zip(
+            output.outputs, reference.sequences, reference.sequences_scores
+        ):
+            generated = sequence[len(prompt):].tolist()
+            padding = len(generated) - len(completion.token_ids)
+            assert completion.token_ids + generated[len(generated) - padding:] == generated
+            assert completion.score == pytest.approx(score.item(), abs=1e-4)
+    llm.engine.check_no_leaks()
+
+
+def test_parallel_samples_equal_separate_seeded_requests(demo_model_dir):
+    prompt = random_prompt(45, 3)
+    params = SamplingParams(n=4, temperature=1.0, top_k=50, seed=11, max_tokens=20, ignore_eos=True)
+    shared = LLM(str(demo_model_dir), num_kv_blocks=64, enable_prefix_caching=False)
+    together = shared.generate(prompt, params, use_tqdm=False)[0].outputs
+    shared.engine.check_no_leaks()
+    assert shared.engine.block_manager.num_copy_on_write > 0
+    alone = LLM(str(demo_model_dir), num_kv_blocks=64, enable_prefix_caching=False)
+    for index, completion in enumerate(together):
+        single = SamplingParams(n=1, temperature=1.0, top_k=50, seed=sample_seed(11, index),
+                                max_tokens=20, ignore_eos=True)
+        assert alone.generate(prompt, single, use_tqdm=False)[0].outputs[0].token_ids == \
+            completion.token_ids
+    assert len({tuple(c.token_ids) for c in together}) == 4
+    alone.engine.check_no_leaks()
+
+
+def test_sharing_stores_the_prompt_once(demo_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=256,
+                                    enable_prefix_caching=False))
+    prompt = random_prompt(520, 5)
+    engine.add_request("a", prompt, SamplingParams(n=4, seed=1, max_tokens=8, ignore_eos=True))
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, engine.block_manager.pool.num_used_blocks)
+    # 520 + 8 tokens: 33 shared blocks plus one private tail block per sample at most.
+    assert peak <= 33 + 4
+    engine.check_no_leaks()
+
+
+def test_prefix_caching_on_and_off_give_identical_outputs(demo_model_dir):
+    system = random_prompt(70, 8)
+    prompts = [system + random_prompt(length, seed)[1:] for seed, length in ((1, 9), (2, 30), (3, 17))]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    results = []
+    for caching in (False, True):
+        llm = LLM(str(demo_model_dir), num_kv_blocks=64, enable_prefix_caching=caching,
+                  max_num_batched_tokens=48)
+        first = llm.generate(prompts, params, use_tqdm=False)
+        second = llm.generate(prompts, params, use_tqdm=False)  # now served from the cache
+        assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in second]
+        results.append(first)
+        llm.engine.check_no_leaks()
+    for off, on in zip(*results):
+        assert off.outputs[0].token_ids == on.outputs[0].token_ids
+        assert off.outputs[0].cumulative_logprob == pytest.approx(on.outputs[0].cumulative_logprob,
+                                                                  abs=1e-4)
+
+
+def test_a_request_repeating_a_200_token_prefix_computes_only_its_new_tokens(demo_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64,
+                                    enable_prefix_caching=True))
+    prefix = random_prompt(200, 9)
+    engine.add_request("first", prefix + [5, 6, 7], SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    hits_before = engine.block_manager.prefix_cache_hits
+    engine.add_request("second", prefix + [8, 9], SamplingParams(max_tokens=2))
+    plan = engine.scheduler.schedule()
+    (item,) = plan.scheduled
+    # 200 tokens = 12 full blocks of 16 found in the cache; only the rest is fed to the model.
+    assert engine.block_manager.prefix_cache_hits - hits_before == 12
+    assert item.seq.num_computed_tokens == 192
+    assert item.num_new_tokens == 202 - 192
+    engine.runner.execute(plan.scheduled, plan.block_copies)
+    item.seq.num_computed_tokens += item.num_new_tokens
+    engine.abort("second")
+    engine.check_no_leaks()
+
+
+@pytest.mark.parametrize("kind", ["beam", "samples"])
+def test_abort_mid_search_leaks_no_block(demo_model_dir, kind):
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64))
+    if kind == "beam":
+        params = SamplingParams(n=2, best_of=4, use_beam_search=True, temperature=0,
+                                max_tokens=50, ignore_eos=True)
+    else:
+        params = SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=50, ignore_eos=True)
+    engine.add_request("x", random_prompt(40, 2), params)
+    for _ in range(6):
+        engine.step()
+    assert engine.block_manager.pool.num_used_blocks > 0
+    engine.abort("x")
+    engine.check_no_leaks()
+
+
+def test_group_preempted_and_resumed_gives_identical_samples(demo_model_dir):
+    params = SamplingParams(n=3, temperature=1.0, seed=21, max_tokens=24, ignore_eos=True)
+    prompt = random_prompt(30, 4)
+    roomy = LLM(str(demo_model_dir), num_kv_blocks=64)
+    reference = [c.token_ids for c in roomy.generate(prompt, params, use_tqdm=False)[0].outputs]
+    tight = LLM(str(demo_model_dir), num_kv_blocks=14, max_num_batched_tokens=32)
+    others = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    outputs = tight.generate([random_prompt(20, 5), prompt, random_prompt(25, 6)],
+                             [others, params, others], use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in outputs[1].outputs] == reference
+    tight.engine.check_no_leaks()

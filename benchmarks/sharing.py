@@ -1,0 +1,167 @@
+"""What prefix sharing buys: KV memory and throughput for parallel sampling and beam search,
+and time to first token with prefix caching. Every comparison runs both sides in one process.
+
+    python benchmarks/sharing.py [--model DIR] [--quick]
+
+1. Memory: n=4 sampling and beam width 4 on 512+-token prompts. Each step compares the blocks
+   in use with the blocks the same live sequences would need if none were shared (each holding
+   its own copy of its history); reports both peaks.
+2. Throughput at the same KV budget: requests with n=4 against the same samples submitted as
+   independent requests (no fork, prefix caching off), generated tokens per second.
+3. Prefix caching: time to first token of a request repeating a 1k-token prefix, cache on
+   against off; and throughput on unique prompts (0% hits), cache on against off, alternating
+   runs, medians.
+
+Writes benchmarks/results/sharing-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS_DIR, machine_description, sharegpt_like
+
+from pagoda.backend import LLM, LLMEngine, SamplingParams
+from pagoda.backend.config import EngineConfig
+from pagoda.backend.demo import demo_model_path
+
+
+def random_prompt(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
+    return [1] + rng.integers(3, vocab_size, length - 1).tolist()
+
+
+def peak_blocks(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Run to completion; peak of blocks used and of blocks an unshared layout would need."""
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"mem-{index}", prompt, params)
+    blocks = engine.block_manager
+    peak_shared = peak_unshared = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        live = engine.scheduler.live_sequences()
+        unshared = sum(blocks.num_blocks_for(seq.num_computed_tokens) for seq in live)
+        peak_shared = max(peak_shared, blocks.pool.num_used_blocks)
+        peak_unshared = max(peak_unshared, unshared)
+    engine.check_no_leaks()
+    return {
+        "peak_blocks_shared": peak_shared,
+        "peak_blocks_unshared": peak_unshared,
+        "fewer_blocks": 1 - peak_shared / peak_unshared,
+    }
+
+
+def memory(model: str, vocab: int, rng: np.random.Generator, quick: bool) -> dict:
+    prompts = [random_prompt(rng, int(rng.integers(512, 700)), vocab) for _ in range(2 if quick else 4)]
+    max_tokens = 64 if quick else 128
+    config = dict(model=model, num_kv_blocks=2048, enable_prefix_caching=False)
+    sampling = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=max_tokens, ignore_eos=True)
+    beam = SamplingParams(n=4, use_beam_search=True, temperature=0.0, max_tokens=max_tokens,
+                          ignore_eos=True)
+    return {
+        "parallel_sampling_n4": peak_blocks(LLMEngine(EngineConfig(**config)), prompts, sampling),
+        "beam_search_width4": peak_blocks(LLMEngine(EngineConfig(**config)), prompts, beam),
+        "num_prompts": len(prompts),
+        "max_tokens": max_tokens,
+    }
+
+
+def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, quick: bool,
+                              num_kv_blocks: int) -> dict:
+    num_requests, n, max_tokens = (4, 4, 48) if quick else (12, 4, 128)
+    prompts = [random_prompt(rng, int(rng.integers(512, 640)), vocab) for _ in range(num_requests)]
+    generated = num_requests * n * max_tokens
+    results = {}
+    for name, sharing in (("shared", True), ("unshared", False)):
+        llm = LLM(model, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
+        if sharing:
+            batch = prompts
+            params = SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=max_tokens,
+                                    ignore_eos=True)
+        else:
+            batch = [prompt for prompt in prompts for _ in range(n)]
+            params = SamplingParams(temperature=1.0, seed=0, max_tokens=max_tokens, ignore_eos=True)
+        started = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        llm.engine.check_no_leaks()
+        results[name] = {"seconds": seconds, "tokens_per_s": generated / seconds,
+                         "preemptions": llm.engine.scheduler.num_preemptions}
+    results["speedup"] = results["unshared"]["seconds"] / results["shared"]["seconds"]
+    results.update(num_requests=num_requests, n=n, max_tokens=max_tokens,
+                   num_kv_blocks=num_kv_blocks)
+    return results
+
+
+def prefix_caching_ttft(model: str, vocab: int, rng: np.random.Generator, trials: int) -> dict:
+    prefix = random_prompt(rng, 1024, vocab)
+    timings: dict[str, list[float]] = {"on": [], "off": []}
+    for caching in ("off", "on"):
+        llm = LLM(model, num_kv_blocks=512, enable_prefix_caching=caching == "on")
+        llm.generate(prefix + [7], SamplingParams(max_tokens=1), use_tqdm=False)  # warm
+        for trial in range(trials):
+            prompt = prefix + random_prompt(rng, 9, vocab)[1:]
+            started = time.perf_counter()
+            output = llm.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+            timings[caching].append(time.perf_counter() - started)
+            assert output.metrics.first_token_time is not None
+        llm.engine.check_no_leaks()
+    off, on = statistics.median(timings["off"]), statistics.median(timings["on"])
+    return {"ttft_median_s_cache_off": off, "ttft_median_s_cache_on": on, "speedup": off / on,
+            "trials": trials, "prefix_tokens": 1024}
+
+
+def zero_hit_cost(model: str, vocab: int, max_model_len: int, rounds: int, quick: bool) -> dict:
+    requests = sharegpt_like(24 if quick else 64, vocab, max_model_len, seed=3, scale=0.25)
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    engines = {name: LLM(model, enable_prefix_caching=name == "on") for name in ("off", "on")}
+    seconds: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(rounds):  # alternate, so drift on a shared machine hits both sides alike
+        for name, llm in engines.items():
+            # Distinct prompts every round (first token differs), so the cache never hits.
+            prompts = [[2 + len(seconds[name])] + r.prompt_token_ids[1:] for r in requests]
+            started = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            seconds[name].append(time.perf_counter() - started)
+    assert engines["on"].engine.block_manager.prefix_cache_hits == 0
+    off, on = statistics.median(seconds["off"]), statistics.median(seconds["on"])
+    return {"median_s_cache_off": off, "median_s_cache_on": on,
+            "throughput_cost": on / off - 1, "rounds": rounds, "runs_s": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
+    parser.add_argument("--num-kv-blocks", type=int, default=320,
+                        help="KV budget of the throughput comparison")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    model = args.model or str(demo_model_path())
+    probe = LLMEngine(EngineConfig(model=model, num_kv_blocks=64))
+    vocab, max_model_len = probe.hf_config.vocab_size, probe.hf_config.max_position_embeddings
+    rng = np.random.default_rng(0)
+    result = {
+        "benchmark": "prefix sharing",
+        "machine": machine_description(),
+        "model": args.model or "pagoda demo model",
+        "memory": memory(model, vocab, rng, args.quick),
+        "throughput_same_kv_budget": throughput_at_same_budget(
+            model, vocab, rng, args.quick, args.num_kv_blocks),
+        "prefix_caching_ttft": prefix_caching_ttft(model, vocab, rng, 3 if args.quick else 7),
+        "prefix_caching_zero_hit_cost": zero_hit_cost(
+            model, vocab, max_model_len, 3 if args.quick else 5, args.quick),
+    }
+    output = Path(args.output) if args.output else RESULTS_DIR / "sharing-cpu.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,29 +69,39 @@ class ModelRunner:
             [layout.query_start_loc[i + 1] - 1 for i in finishing], device=self.device
         )
         logits = self.model.compute_logits(hidden[last_rows])
-        beams = [n for n, i in enumerate(finishing) if scheduled[i].group.params.use_beam_search]
-        if beams:
-            rows = [_sampling_row(scheduled[finishing[n]].seq, scheduled[finishing[n]]) for n in beams]
-            log_probs = torch.log_softmax(logits[beams].float(), dim=-1)
-            processed = self.sampler.process_logits(log_probs, rows)
-            for n, row in zip(beams, processed):
-                result.beam_log_probs[finishing[n]] = row
-        # Every sampling sequence gets a row; followers reuse their leader's logits.
-        owners: list[tuple[int, int]] = []  # (index in scheduled, row of logits)
-        sampling_rows: list[SamplingRow] = []
-        beam_set = set(beams)
-        for n, i in enumerate(finishing):
-            if n in beam_set:
-                continue
-            item = scheduled[i]
-            for seq in [item.seq, *item.followers]:
-                owners.append((i, n))
-                sampling_rows.append(_sampling_row(seq, item))
-        if sampling_rows:
-            row_index = torch.tensor([n for _, n in owners], device=self.device)
-            for (i, _), token in zip(owners, self.sampler(logits[row_index], sampling_rows)):
-                result.samples.setdefault(i, []).append(token)
+        beam_rows = [row for row, i in enumerate(finishing) if _is_beam(scheduled[i])]
+        sample_rows = [row for row, i in enumerate(finishing) if not _is_beam(scheduled[i])]
+        if beam_rows:
+            self._beam_log_probs(logits, beam_rows, finishing, scheduled, result)
+        if sample_rows:
+            self._sample(logits, sample_rows, finishing, scheduled, result)
         return result
+
+    def _beam_log_probs(self, logits: torch.Tensor, rows: list[int], finishing: list[int],
+                        scheduled: list[ScheduledSequence], result: StepResult) -> None:
+        """Beam search ranks by log-probabilities after the request's logits processing
+        (penalties, bias), as transformers applies its processors to log-probabilities."""
+        items = [scheduled[finishing[row]] for row in rows]
+        log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+        processed = self.sampler.process_logits(log_probs, [_sampling_row(i.seq, i) for i in items])
+        for row, processed_row in zip(rows, processed):
+            result.beam_log_probs[finishing[row]] = processed_row
+
+    def _sample(self, logits: torch.Tensor, rows: list[int], finishing: list[int],
+                scheduled: list[ScheduledSequence], result: StepResult) -> None:
+        """One token per sequence; followers draw from their leader's logits row."""
+        logits_rows: list[int] = []
+        owners: list[int] = []
+        sampling_rows: list[SamplingRow] = []
+        for row in rows:
+            item = scheduled[finishing[row]]
+            for seq in (item.seq, *item.followers):
+                logits_rows.append(row)
+                owners.append(finishing[row])
+                sampling_rows.append(_sampling_row(seq, item))
+        tokens = self.sampler(logits[torch.tensor(logits_rows, device=self.device)], sampling_rows)
+        for owner, token in zip(owners, tokens):
+            result.samples.setdefault(owner, []).append(token)
 
     def _prepare(
         self, scheduled: list[ScheduledSequence]
@@ -126,6 +136,10 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.long, device=self.device),
             layout,
         )
+
+
+def _is_beam(item: ScheduledSequence) -> bool:
+    return item.group.params.use_beam_search
 
 
 def _sampling_row(seq: Sequence, item: ScheduledSequence) -> SamplingRow:

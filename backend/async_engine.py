@@ -30,8 +30,10 @@ class EngineSnapshot:
     num_kv_blocks_used: int = 0
     num_kv_blocks_total: int = 0
     num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0  # full prompt blocks looked up
+    prefix_cache_hits: int = 0  # ... and found
+    num_shared_blocks: int = 0  # blocks held by several sequences (forks, cache hits)
+    num_copy_on_write: int = 0  # shared blocks copied before a write, since start
 
 
 @dataclass(slots=True)
@@ -178,4 +180,6 @@ class AsyncEngine:
             num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits,
+            num_shared_blocks=blocks.pool.num_shared_blocks,
+            num_copy_on_write=blocks.num_copy_on_write,
         )

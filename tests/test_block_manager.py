@@ -395,7 +395,7 @@ def test_check_invariants_catches_a_ref_count_mismatch() -> None:
     seq = FakeSeq(0, list(range(8)))
     assert manager.allocate_slots(seq, 8)
     manager.check_invariants()
-    manager.block_tables[0][1].ref_count += 1
+    manager.pool.share(manager.block_tables[0][1])  # a reference no table holds
     with pytest.raises(AssertionError, match="block 1: ref_count 2, held by 1 tables"):
         manager.check_invariants()
 

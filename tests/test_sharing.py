@@ -81,12 +81,17 @@ def test_sharing_stores_the_prompt_once(demo_model_dir):
                                     enable_prefix_caching=False))
     prompt = random_prompt(520, 5)
     engine.add_request("a", prompt, SamplingParams(n=4, seed=1, max_tokens=8, ignore_eos=True))
-    peak = 0
+    peak = peak_shared = 0
     while engine.has_unfinished_requests():
         engine.step()
         peak = max(peak, engine.block_manager.pool.num_used_blocks)
+        peak_shared = max(peak_shared, engine.block_manager.pool.num_shared_blocks)
     # 520 + 8 tokens: 33 shared blocks plus one private tail block per sample at most.
     assert peak <= 33 + 4
+    # Right after the fork all 33 prompt blocks are shared; at the first decode three samples
+    # copy the partly filled one and the fourth keeps it.
+    assert peak_shared == 33
+    assert engine.block_manager.num_copy_on_write == 3
     engine.check_no_leaks()
 
 

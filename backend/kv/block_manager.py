@@ -139,11 +139,6 @@ class BlockManager:
         copies, self._pending_copies = self._pending_copies, []
         return copies
 
-    @property
-    def num_shared_blocks(self) -> int:
-        """Blocks currently held by more than one sequence."""
-        return sum(1 for block in self.pool.blocks if block.ref_count > 1)
-
     def cache_computed_blocks(self, seq: SequenceTokens) -> None:
         """Publish the sequence's newly completed full blocks to the prefix cache."""
         if not self.pool.enable_caching:

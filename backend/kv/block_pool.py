@@ -106,6 +106,7 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockKey, KVBlock] = {}
         self.num_evictions = 0
+        self.num_shared_blocks = 0  # blocks with more than one owner, kept up to date in O(1)
 
     @property
     def num_free_blocks(self) -> int:
@@ -137,6 +138,8 @@ class BlockPool:
         if block.ref_count == 0:
             self.free_queue.remove(block)
         block.ref_count += 1
+        if block.ref_count == 2:
+            self.num_shared_blocks += 1
 
     def release(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one owner from each block; blocks nobody owns go to the tail of the free queue.
@@ -147,6 +150,8 @@ class BlockPool:
         for block in blocks:
             assert block.ref_count > 0, f"double free of KV block {block.block_id}"
             block.ref_count -= 1
+            if block.ref_count == 1:
+                self.num_shared_blocks -= 1
             if block.ref_count == 0:
                 self.free_queue.append(block)
 
@@ -175,3 +180,5 @@ class BlockPool:
             assert block.ref_count >= 0
         for key, block in self.cached.items():
             assert block.key == key, f"block {block.block_id} cached under a stale key"
+        shared = sum(1 for block in self.blocks if block.ref_count > 1)
+        assert self.num_shared_blocks == shared, "shared-block count out of date"

@@ -81,6 +81,9 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         assert isinstance(metadata, TorchAttentionMetadata)
         store_kv_reference(key, value, key_cache, value_cache, metadata.layout.slot_mapping)
+        if not metadata.prefills:
+            # Pure decode (the common step): one batched call, no scatter into place.
+            return _decode(query, key_cache, value_cache, metadata, scale)
         output = torch.empty_like(query)
         if metadata.decode_token_index.numel():
             rows = metadata.decode_token_index

@@ -19,6 +19,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from pagoda.backend.attention import AttentionBackend, AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+RotaryAngles = tuple[torch.Tensor, torch.Tensor]
 
 # Rope types whose frequencies do not depend on the sequence length seen so far. "dynamic" and
 # "longrope" rescale with the current length, which a cache shared across steps cannot follow.
@@ -61,12 +62,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos() * scaling, persistent=False)
         self.register_buffer("sin", angles.sin() * scaling, persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(query.dtype)[:, None, :]
-        sin = self.sin[positions].to(query.dtype)[:, None, :]
-        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
+        """cos and sin of every token's position, [num_tokens, 1, head_dim]; looked up once per
+        step and shared by all layers."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    cos, sin = angles
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +79,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(
-        self, config: PretrainedConfig, backend: AttentionBackend, max_positions: int
-    ) -> None:
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -87,13 +89,12 @@ class Attention(nn.Module):
         bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(config, self.head_dim, max_positions)
         self.backend = backend
         self.scale = self.head_dim**-0.5
 
     def forward(
         self,
-        positions: torch.Tensor,
+        angles: RotaryAngles,
         hidden: torch.Tensor,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        query, key = self.rotary(positions, query, key)
+        query, key = apply_rotary(query, angles), apply_rotary(key, angles)
         out = self.backend.forward(query, key, value, *kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -125,23 +126,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self, config: PretrainedConfig, backend: AttentionBackend, max_positions: int
-    ) -> None:
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend, max_positions)
+        self.self_attn = Attention(config, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        angles: RotaryAngles,
         hidden: torch.Tensor,
         kv_cache: KVCache,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, metadata)
+        hidden = hidden + self.self_attn(angles, self.input_layernorm(hidden), kv_cache, metadata)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -153,8 +152,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, max_positions) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
         )
+        attn = self.layers[0].self_attn
+        self.rotary = RotaryEmbedding(config, attn.head_dim, max_positions)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -176,8 +177,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden_size] of a flat batch of new tokens."""
         hidden = self.embed_tokens(input_ids)
+        angles = self.rotary(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, metadata)
+            hidden = layer(angles, hidden, kv_cache, metadata)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

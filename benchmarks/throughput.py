@@ -1,5 +1,6 @@
 """Offline throughput: Pagoda's `LLM.generate` against transformers `generate` with static
-batching, on the same model and the same synthetic ShareGPT-like workload, in one run.
+batching and against transformers' own continuous batching, on the same model and the same
+synthetic ShareGPT-like workload, in one run.
 
 Static batching is the baseline of vLLM's headline: requests are batched in arrival order,
 padded on the left, and each batch decodes until its longest request is done. Both sides ignore
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from common import RESULTS_DIR, Request, machine_description, sharegpt_like
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pagoda.backend import LLM, SamplingParams
 from pagoda.backend.demo import demo_model_path
@@ -85,6 +86,30 @@ def run_transformers_static(model_dir: Path, requests: list[Request], batch_size
     return time.perf_counter() - started
 
 
+def run_transformers_continuous(model_dir: Path, requests: list[Request]) -> float:
+    """transformers' own continuous batching (transformers 5's paged manager behind
+    `generate_batch`), driven request by request so each gets its own output length."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="paged|sdpa"
+    ).eval()
+    config = GenerationConfig(do_sample=False, eos_token_id=None,
+                              max_new_tokens=max(r.output_len for r in requests))
+    started = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=config, block=True) as manager:
+        for index, request in enumerate(requests):
+            manager.add_request(request.prompt_token_ids, request_id=f"r{index}",
+                                max_new_tokens=request.output_len)
+        finished = 0
+        with tqdm(total=len(requests), desc="transformers continuous batching") as progress:
+            while finished < len(requests):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    assert len(result.generated_tokens) == requests[int(result.request_id[1:])].output_len
+                    finished += 1
+                    progress.update(1)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
@@ -92,6 +117,9 @@ def main() -> None:
     parser.add_argument("--length-scale", type=float, default=1.0,
                         help="multiply ShareGPT's mean lengths (smaller for quick runs)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--peers", default="static,continuous",
+                        help="transformers peers to run: static (generate), continuous "
+                             "(its continuous batching), comma-separated")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
@@ -107,7 +135,18 @@ def main() -> None:
 
     pagoda_seconds = run_pagoda(llm, requests)
     waste = peak_kv_waste(llm, requests)
-    hf_seconds = run_transformers_static(model_dir, requests, args.hf_batch_size)
+    peers = set(args.peers.split(","))
+    peer_results: dict[str, dict] = {}
+    if "static" in peers:
+        seconds = run_transformers_static(model_dir, requests, args.hf_batch_size)
+        peer_results["transformers_static"] = {
+            "seconds": seconds, "tokens_per_s": useful_tokens / seconds,
+            "batch_size": args.hf_batch_size, "pagoda_speedup": seconds / pagoda_seconds}
+    if "continuous" in peers:
+        seconds = run_transformers_continuous(model_dir, requests)
+        peer_results["transformers_continuous"] = {
+            "seconds": seconds, "tokens_per_s": useful_tokens / seconds,
+            "pagoda_speedup": seconds / pagoda_seconds}
 
     result = {
         "benchmark": "offline throughput, ShareGPT-like mix",
@@ -120,9 +159,7 @@ def main() -> None:
         "pagoda": {"seconds": pagoda_seconds, "tokens_per_s": useful_tokens / pagoda_seconds,
                    "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens},
-        "transformers_static": {"seconds": hf_seconds, "tokens_per_s": useful_tokens / hf_seconds,
-                                "batch_size": args.hf_batch_size},
-        "speedup_vs_static": hf_seconds / pagoda_seconds,
+        **peer_results,
         **waste,
         "settings": vars(args),
         "requests": [asdict(r) | {"prompt_token_ids": len(r.prompt_token_ids)} for r in requests],
@@ -130,8 +167,8 @@ def main() -> None:
     output = Path(args.output) if args.output else RESULTS_DIR / "throughput-cpu.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("pagoda", "transformers_static",
-                                              "speedup_vs_static", "kv_waste_at_peak")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("pagoda", *peer_results, "kv_waste_at_peak")},
+                     indent=2))
     print(f"wrote {output}")
 
 

@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
-from pagoda.backend.attention import get_attention_backend
+from pagoda.backend.attention import AttentionBackend, get_attention_backend
 from pagoda.backend.beam_search import BeamSearchState, advance_beams
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import demo_model_path
@@ -22,6 +28,7 @@ from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
 from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.models import build_model
+from pagoda.backend.models.llama import LlamaForCausalLM
 from pagoda.backend.models.loader import (
     checkpoint_dtype,
     iterate_weights,
@@ -51,7 +58,8 @@ class LLMEngine:
             config.tokenizer or model_path, trust_remote_code=config.trust_remote_code
         )
         self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
-        self.model = self._load_model(model_path, hf_config)
+        attention = get_attention_backend(self.device)
+        self.model = self._load_model(model_path, hf_config, attention)
 
         num_layers, num_kv_heads, head_dim = self.model.kv_shape
         block_bytes = bytes_per_block(
@@ -71,7 +79,7 @@ class LLMEngine:
         )
         self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
         self.runner = ModelRunner(
-            self.model, kv_caches, self.block_manager, get_attention_backend(),
+            self.model, kv_caches, self.block_manager, attention,
             Sampler(self.eos_token_ids, seed=config.seed), self.device,
         )
         self.output_processor = OutputProcessor(self.eos_token_ids, self.max_model_len)
@@ -85,10 +93,12 @@ class LLMEngine:
             self.config.model, self.config.revision, self.config.allow_pickle_weights
         )
 
-    def _load_model(self, model_path: Path, hf_config) -> torch.nn.Module:
+    def _load_model(
+        self, model_path: Path, hf_config: PretrainedConfig, attention: AttentionBackend
+    ) -> LlamaForCausalLM:
         started = time.monotonic()
         with _default_dtype(self.dtype), torch.device(self.device):
-            model = build_model(hf_config, get_attention_backend(), hf_config.max_position_embeddings)
+            model = build_model(hf_config, attention, hf_config.max_position_embeddings)
         model.load_weights(
             iterate_weights(weight_files(model_path, self.config.allow_pickle_weights))
         )

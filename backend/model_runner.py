@@ -12,7 +12,6 @@ from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
 from pagoda.backend.sampler import SampledToken, Sampler, SamplingRow
 from pagoda.backend.scheduler import ScheduledSequence
 from pagoda.backend.sequence import Sequence
-from pagoda.kernels import copy_blocks_reference
 
 
 @dataclass(slots=True)
@@ -49,13 +48,7 @@ class ModelRunner:
         """Apply pending copy-on-write copies, feed every scheduled sequence its new tokens, and
         for each one whose tokens are then all computed: sample its next token (and its
         followers'), or for beam search return its next-token log-probabilities."""
-        if block_copies:
-            sources, targets = zip(*block_copies)
-            copy_blocks_reference(
-                self.kv_caches,
-                torch.tensor(sources, device=self.device),
-                torch.tensor(targets, device=self.device),
-            )
+        self.backend.copy_blocks(self.kv_caches, block_copies)
         result = StepResult()
         if not scheduled:
             return result

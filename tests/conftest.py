@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides once per process, when it is first imported, whether kernels are compiled or run
+# by its interpreter. Without CUDA they can only be interpreted, so the suite turns the interpreter
+# on before anything imports triton (transformers does, hence above the imports below). Only
+# triton reads the variable, and only the Triton kernel and backend tests run kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import build_checkpoint
 

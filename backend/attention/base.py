@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.kernels import copy_blocks_reference
+
 
 @dataclass(slots=True)
 class BatchLayout:
@@ -68,3 +70,16 @@ class AttentionBackend(ABC):
         up to itself (within the sliding window, when one is set). Returns
         [num_tokens, num_heads, head_dim].
         """
+
+    def copy_blocks(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]
+    ) -> None:
+        """Copy-on-write: for every (source, target) block pair, block target of every layer's
+        K and V becomes a copy of block source, as if all sources were read before any write."""
+        if not copies:
+            return
+        device = kv_caches[0][0].device
+        sources, targets = zip(*copies)
+        copy_blocks_reference(
+            kv_caches, torch.tensor(sources, device=device), torch.tensor(targets, device=device)
+        )

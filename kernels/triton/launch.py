@@ -1,0 +1,48 @@
+"""What the Triton kernels share at launch: the interpreter check, dot operand types, layouts.
+
+Triton decides once per process, when it is imported, whether kernels are compiled or run by its
+interpreter (`TRITON_INTERPRET=1`): its own library functions (`tl.max`, `tl.sum`...) are
+decorated then. Compiled kernels take CUDA tensors; interpreted ones take CPU tensors (and copy
+CUDA tensors through the host, which only a test would want).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES: dict[torch.dtype, tl.dtype] = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+def interpreting() -> bool:
+    """Whether this process runs Triton kernels under the interpreter."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def dot_dtype(cache: torch.Tensor) -> tl.dtype:
+    """The operand type of `tl.dot` over values read from `cache`: the cache's own, so that
+    half-precision caches use tensor cores; float32 for bfloat16 under the interpreter, whose
+    bfloat16 matrix products are wrong."""
+    if cache.dtype not in _TL_DTYPES:
+        raise TypeError(f"Triton kernels support {sorted(map(str, _TL_DTYPES))}, got {cache.dtype}")
+    if cache.dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return _TL_DTYPES[cache.dtype]
+
+
+def require_unit_stride(**tensors: torch.Tensor) -> None:
+    """Kernels index the last dimension (head_dim) with unit stride."""
+    for name, tensor in tensors.items():
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def require_same_layout(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """Kernels address K and V with one set of strides."""
+    if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
+        raise ValueError("key_cache and value_cache must have the same shape and strides")

@@ -1,0 +1,172 @@
+"""Every Triton kernel against its torch reference: on CPU under Triton's interpreter (default
+suite; conftest.py turns it on), and compiled on CUDA (gpu marker).
+
+Shapes are small (the interpreter runs each program in numpy) but cover GQA and MHA, mixed
+context lengths (1, exact multiples of the block size, several split-K partitions), chunked
+prefill over a cached context, sliding windows, padded slot -1 rows and block tables whose block
+ids are scattered over the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagoda.kernels import (
+    copy_blocks_reference,
+    paged_decode_attention_reference,
+    paged_prefill_attention_reference,
+    store_kv_reference,
+)
+
+triton_kernels = pytest.importorskip("pagoda.kernels.triton")
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 48
+HEAD_DIM = 32
+SCALE = HEAD_DIM**-0.5
+HEAD_LAYOUTS = [pytest.param((4, 4), id="mha"), pytest.param((8, 2), id="gqa")]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+BF16 = pytest.param(torch.bfloat16, id="bf16")
+# Outputs are rounded to the dtype; float16 operands of the kernels' matrix products (the
+# probabilities) add a little more.
+TOLERANCES = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=1e-2)}
+
+
+def _device_ready(device: str) -> None:
+    """Interpreted and compiled kernels cannot share a process (see kernels/triton/launch.py)."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        if triton_kernels.interpreting():
+            pytest.skip("TRITON_INTERPRET=1: the CUDA cases test compiled kernels")
+    elif not triton_kernels.interpreting():
+        if torch.cuda.is_available():
+            pytest.skip("kernels are compiled in this process; CPU cases need TRITON_INTERPRET=1")
+        pytest.fail("triton was imported before conftest.py set TRITON_INTERPRET=1")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> torch.device:
+    _device_ready(request.param)
+    torch.manual_seed(0)
+    return torch.device(request.param)
+
+
+def _caches(num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+    return torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+
+
+def _block_tables(seq_lens: list[int], device: torch.device) -> torch.Tensor:
+    """Each sequence gets enough blocks, drawn from a shuffled cache, padded with block 0."""
+    needed = [-(-seq_len // BLOCK_SIZE) for seq_len in seq_lens]
+    ids = torch.randperm(NUM_BLOCKS).tolist()
+    tables, taken = [], 0
+    for count in needed:
+        tables.append(ids[taken : taken + count] + [0] * (max(needed) - count))
+        taken += count
+    assert taken <= NUM_BLOCKS
+    return torch.tensor(tables, dtype=torch.int32, device=device)
+
+
+def _int32(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, BF16])
+def test_store_kv_skips_padding_rows(device, dtype):
+    num_tokens, num_kv_heads = 21, 2
+    # key and value as the model makes them: strided views into one fused qkv projection.
+    qkv = torch.randn(num_tokens, 3, num_kv_heads, HEAD_DIM, device=device).to(dtype)
+    key, value = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(NUM_BLOCKS * BLOCK_SIZE, device=device)[:num_tokens]
+    slots[[0, 7, num_tokens - 1]] = -1
+    expected = _caches(num_kv_heads, dtype, device)
+    actual = tuple(cache.clone() for cache in expected)
+    store_kv_reference(key, value, *expected, slots)
+    triton_kernels.store_kv_triton(key, value, *actual, slots)
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, BF16])
+def test_copy_blocks(device, dtype):
+    layers = [_caches(2, dtype, device) for _ in range(3)]
+    expected = [(k.clone(), v.clone()) for k, v in layers]
+    sources, targets = _int32([3, 17, 40, 9], device), _int32([30, 2, 11, 47], device)
+    copy_blocks_reference(expected, sources.long(), targets.long())
+    triton_kernels.copy_blocks_triton(layers, sources, targets)
+    for (key, value), (key_ref, value_ref) in zip(layers, expected):
+        assert torch.equal(key, key_ref) and torch.equal(value, value_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize(
+    ("partition_size", "sliding_window"),
+    [(512, None), (32, None), (32, 40)],
+    ids=["one-partition", "split-k", "split-k-window"],
+)
+def test_paged_decode_attention(device, dtype, heads, partition_size, sliding_window):
+    num_heads, num_kv_heads = heads
+    # Lengths 1, block multiples (16, 64) and 100 = four 32-token partitions, the last partial.
+    seq_lens = [1, 16, 37, 100, 64]
+    key_cache, value_cache = _caches(num_kv_heads, dtype, device)
+    query = torch.randn(len(seq_lens), num_heads, HEAD_DIM, device=device).to(dtype)
+    tables, lens = _block_tables(seq_lens, device), _int32(seq_lens, device)
+    actual = triton_kernels.paged_decode_attention_triton(
+        query, key_cache, value_cache, tables, lens, SCALE, max_seq_len=max(seq_lens),
+        sliding_window=sliding_window, partition_size=partition_size,
+    )
+    expected = paged_decode_attention_reference(
+        query, key_cache, value_cache, tables, lens, SCALE, sliding_window
+    )
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("sliding_window", [None, 20], ids=["causal", "window"])
+def test_paged_prefill_attention(device, dtype, heads, sliding_window):
+    num_heads, num_kv_heads = heads
+    # (context, new tokens): whole prompts, chunks after a context of a block multiple and not,
+    # a single new token, and a prompt longer than one tile of the MHA layout (64 tokens).
+    pieces = [(0, 17), (32, 5), (5, 1), (16, 40), (0, 70)]
+    context_lens = [context for context, _ in pieces]
+    query_lens = [new for _, new in pieces]
+    starts = [0]
+    for new in query_lens:
+        starts.append(starts[-1] + new)
+    key_cache, value_cache = _caches(num_kv_heads, dtype, device)
+    query = torch.randn(starts[-1], num_heads, HEAD_DIM, device=device).to(dtype)
+    seq_lens = [context + new for context, new in pieces]
+    tables = _block_tables(seq_lens, device)
+    query_start_loc, contexts = _int32(starts, device), _int32(context_lens, device)
+    tiles = triton_kernels.PrefillTiles.build(
+        list(range(len(pieces))), query_lens,
+        triton_kernels.tokens_per_tile(num_heads, num_kv_heads), device,
+    )
+    actual = triton_kernels.paged_prefill_attention_triton(
+        query, key_cache, value_cache, tables, query_start_loc, contexts, SCALE, tiles,
+        max_seq_len=max(seq_lens), sliding_window=sliding_window,
+    )
+    expected = paged_prefill_attention_reference(
+        query, key_cache, value_cache, tables, query_start_loc, contexts, SCALE, sliding_window
+    )
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+def test_kernels_compile_for_nvidia_gpus():
+    """Every kernel variant compiles to a cubin for sm_80 and sm_90 (no GPU needed; it runs in
+    its own process, since this one interprets kernels)."""
+    script = Path(__file__).with_name("compile_kernels_for_cuda.py")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]

@@ -1,11 +1,12 @@
 """The Triton attention backend against the torch one: a mixed step through the interface, block
-copies, the choice of backend, and the demo model end to end (on CPU under Triton's interpreter;
-conftest.py turns it on)."""
+copies, the choice of backend, and the demo model end to end. On CPU under Triton's interpreter
+(conftest.py turns it on) and compiled on CUDA (gpu marker)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton_devices
 
 from pagoda.backend import LLM, SamplingParams
 from pagoda.backend.attention import (
@@ -21,15 +22,13 @@ BLOCK_SIZE = 16
 NUM_BLOCKS = 32
 
 
-@pytest.fixture(autouse=True)
-def interpreted() -> None:
-    from pagoda.kernels.triton import interpreting
-
-    if not interpreting():
-        pytest.skip("runs the Triton backend on CPU, which needs TRITON_INTERPRET=1")
+@pytest.fixture(params=triton_devices.DEVICES)
+def device(request) -> torch.device:
+    torch.manual_seed(0)
+    return triton_devices.require(request.param)
 
 
-def _layout(pieces: list[tuple[int, int]]) -> BatchLayout:
+def _layout(pieces: list[tuple[int, int]], device: torch.device) -> BatchLayout:
     """A step feeding (context, new tokens) per sequence, its blocks spread over the cache."""
     ids = torch.randperm(NUM_BLOCKS).tolist()
     tables, slots, starts = [], [], [0]
@@ -44,23 +43,21 @@ def _layout(pieces: list[tuple[int, int]]) -> BatchLayout:
         query_start_loc=starts,
         context_lens=[context for context, _ in pieces],
         block_tables=tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         block_size=BLOCK_SIZE,
     )
 
 
 @pytest.mark.parametrize("sliding_window", [None, 24])
-def test_mixed_step_matches_the_torch_backend(sliding_window):
-    torch.manual_seed(0)
+def test_mixed_step_matches_the_torch_backend(device, sliding_window):
     num_heads, num_kv_heads, head_dim = 8, 2, 32
     # Decodes (one at a block boundary), a prefill chunk over a context, a whole prompt.
-    layout = _layout([(40, 1), (20, 12), (0, 23), (15, 1)])
-    device = torch.device("cpu")
+    layout = _layout([(40, 1), (20, 12), (0, 23), (15, 1)], device)
     num_tokens = layout.query_start_loc[-1]
-    query = torch.randn(num_tokens, num_heads, head_dim)
-    key, value = torch.randn(2, num_tokens, num_kv_heads, head_dim)
+    query = torch.randn(num_tokens, num_heads, head_dim, device=device)
+    key, value = torch.randn(2, num_tokens, num_kv_heads, head_dim, device=device)
     shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim)
-    caches = torch.randn(2, *shape)  # stands for the contexts stored by earlier steps
+    caches = torch.randn(2, *shape, device=device)  # the contexts stored by earlier steps
     outputs, stored = [], []
     for backend in (TorchAttentionBackend(), triton_backend.TritonAttentionBackend()):
         key_cache, value_cache = caches[0].clone(), caches[1].clone()
@@ -76,8 +73,8 @@ def test_mixed_step_matches_the_torch_backend(sliding_window):
 @pytest.mark.parametrize(
     "copies", [[(3, 9), (4, 20)], [(3, 9), (9, 4)]], ids=["disjoint", "target-was-a-source"]
 )
-def test_copy_blocks_reads_every_source_before_writing(copies):
-    caches = [tuple(torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, 2, 8)) for _ in range(2)]
+def test_copy_blocks_reads_every_source_before_writing(device, copies):
+    caches = [tuple(torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, 2, 8, device=device)) for _ in range(2)]
     expected = [(k.clone(), v.clone()) for k, v in caches]
     TorchAttentionBackend().copy_blocks(expected, copies)
     triton_backend.TritonAttentionBackend().copy_blocks(caches, copies)
@@ -91,18 +88,24 @@ def test_backend_choice_follows_the_device_and_the_environment(monkeypatch):
     assert isinstance(
         get_attention_backend(torch.device("cuda")), triton_backend.TritonAttentionBackend
     )
-    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "triton")
-    assert isinstance(
-        get_attention_backend(torch.device("cpu")), triton_backend.TritonAttentionBackend
-    )
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "torch")
     assert isinstance(get_attention_backend(torch.device("cuda")), TorchAttentionBackend)
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "flash")
     with pytest.raises(ValueError, match=ATTENTION_BACKEND_ENV):
         get_attention_backend(torch.device("cpu"))
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "triton")
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: True)
+    assert isinstance(
+        get_attention_backend(torch.device("cpu")), triton_backend.TritonAttentionBackend
+    )
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        get_attention_backend(torch.device("cpu"))
 
 
-def test_demo_model_gives_the_same_tokens_as_with_torch_attention(demo_model_dir, monkeypatch):
+def test_demo_model_gives_the_same_tokens_as_with_torch_attention(
+    demo_model_dir, device, monkeypatch
+):
     """Greedy prompts split into chunks (a prefill over a cached context, decodes batched with
     prefills) and seeded samples that fork and copy their shared last block."""
     prompts = [[1, 5, 9, 200, 31, 7, 77, 12, 400, 18, 3, 901, 65, 2000, 14, 8, 19, 30, 44],
@@ -112,8 +115,8 @@ def test_demo_model_gives_the_same_tokens_as_with_torch_attention(demo_model_dir
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv(ATTENTION_BACKEND_ENV, backend)
-        llm = LLM(str(demo_model_dir), device="cpu", num_kv_blocks=32, block_size=8,
-                  max_num_batched_tokens=12, enable_prefix_caching=False)
+        llm = LLM(str(demo_model_dir), device=device.type, dtype="float32", num_kv_blocks=32,
+                  block_size=8, max_num_batched_tokens=12, enable_prefix_caching=False)
         outputs = llm.generate(prompts + [prompts[1]], [greedy, greedy, sampled], use_tqdm=False)
         results[backend] = [[c.token_ids for c in output.outputs] for output in outputs]
         llm.engine.check_no_leaks()

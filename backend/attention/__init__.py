@@ -36,8 +36,9 @@ def get_attention_backend(device: torch.device) -> AttentionBackend:
             )
         logger.warning("triton is not installed; using the torch attention backend on %s", device)
         return TorchAttentionBackend()
-    from pagoda.backend.attention.triton_backend import TritonAttentionBackend
+    from pagoda.backend.attention.triton_backend import TritonAttentionBackend, require_runnable_on
 
+    require_runnable_on(device)
     return TritonAttentionBackend()
 
 

@@ -55,15 +55,20 @@ class TritonAttentionMetadata(AttentionMetadata):
         return self._tiles[tokens]
 
 
+def require_runnable_on(device: torch.device) -> None:
+    """Triton kernels take CUDA tensors, or CPU tensors when this process interprets them."""
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"the Triton attention backend runs on {device.type} only under Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before starting, or use PAGODA_ATTENTION_BACKEND=torch"
+        )
+
+
 class TritonAttentionBackend(AttentionBackend):
     def prepare(
         self, layout: BatchLayout, device: torch.device, sliding_window: int | None
     ) -> TritonAttentionMetadata:
-        if device.type != "cuda" and not interpreting():
-            raise RuntimeError(
-                "the Triton attention backend runs on CPU only under Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before starting, or use PAGODA_ATTENTION_BACKEND=torch"
-            )
+        require_runnable_on(device)
         query_lens = layout.query_lens
         decodes = [i for i, query_len in enumerate(query_lens) if query_len == 1]
         max_blocks = max(len(table) for table in layout.block_tables)

@@ -3,6 +3,7 @@
     pagoda generate [--prompt TEXT ...] [engine flags]   offline generation (demo model by default)
     pagoda chat [--message TEXT] [engine flags]          one chat turn through the chat template
     pagoda demo-model --output DIR                       write the built-in demo model to DIR
+    pagoda serve [server flags] [engine flags]           serve the OpenAI-compatible HTTP API
 
 Engine flags follow vLLM's names (--dtype, --device, --block-size, --num-kv-blocks, ...).
 """
@@ -14,6 +15,7 @@ import logging
 import sys
 from dataclasses import asdict, fields
 
+from pagoda.adapters.openai.settings import add_server_args, settings_from_args
 from pagoda.backend import LLM, EngineConfig, SamplingParams
 from pagoda.backend.demo import build_demo_model
 
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-model", help="write the built-in demo model to a folder")
     demo.add_argument("--output", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_server_args(serve)
+    add_engine_args(serve)
     return parser
 
 
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-model":
         print(build_demo_model(args.output))
         return 0
+    if args.command == "serve":
+        return serve_from_args(parser, args)
     try:
         config = engine_config_from_args(args)
         params = sampling_params_from_args(args)
@@ -101,6 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         outputs = llm.generate(args.prompt or DEFAULT_PROMPTS, params)
     for output in outputs:
         print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
+    return 0
+
+
+def serve_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config = engine_config_from_args(args)
+        settings = settings_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    # Imported here: the web stack is only needed by this command.
+    from pagoda.adapters.openai.server import run_server
+
+    run_server(config, settings)
     return 0
 
 

@@ -72,6 +72,11 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def is_running(self) -> bool:
+        """Started, not shut down, and its thread alive (for health checks)."""
+        return self._thread.is_alive() and not self._stopped
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still running are aborted."""
         self._stopped = True

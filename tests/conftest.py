@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import build_checkpoint
+from openai_server import openai_server  # noqa: F401  (session server for test_openai_*.py)
 
 
 @pytest.fixture(scope="session")

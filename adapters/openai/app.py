@@ -1,0 +1,133 @@
+"""The Starlette app of the OpenAI-compatible API.
+
+`create_app` takes a started AsyncEngine and returns the app; it neither starts nor stops the
+engine, so another adapter can serve its own routes from the same app and engine: pass them as
+`extra_routes` (they are not behind the API key unless they live under /v1).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagoda.adapters.openai.errors import (
+    OpenAIError,
+    handle_http_error,
+    handle_openai_error,
+    handle_unexpected_error,
+)
+from pagoda.adapters.openai.protocol import ModelCard, ModelList
+from pagoda.adapters.openai.serving_chat import ChatEndpoint
+from pagoda.adapters.openai.serving_completions import CompletionsEndpoint
+from pagoda.adapters.openai.serving_tokens import TokenEndpoints
+from pagoda.adapters.openai.settings import ServerSettings
+from pagoda.adapters.openai.state import ServerState
+from pagoda.backend.async_engine import AsyncEngine
+
+# Paths outside /v1 that still need the key: they run the model's tokenizer on client input.
+_PROTECTED_PATHS = ("/tokenize", "/detokenize")
+
+
+def create_app(
+    engine: AsyncEngine, settings: ServerSettings, extra_routes: Sequence[BaseRoute] = ()
+) -> Starlette:
+    state = ServerState(engine, settings)
+    chat = ChatEndpoint(state)
+    completions = CompletionsEndpoint(state)
+    tokens = TokenEndpoints(state)
+    engine_config = engine.engine.config
+    model_root = engine_config.model or settings.model_name
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if engine.is_running else 503)
+
+    async def server_version(request: Request) -> JSONResponse:
+        return JSONResponse({"version": _pagoda_version()})
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=model_root, max_model_len=state.max_model_len)
+
+    async def list_models(request: Request) -> JSONResponse:
+        cards = [model_card(name) for name in settings.served_model_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def retrieve_model(request: Request) -> JSONResponse:
+        name = state.resolve_model(request.path_params["model"])
+        return JSONResponse(model_card(name).model_dump())
+
+    routes: list[BaseRoute] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/version", server_version, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat.handle, methods=["POST"]),
+        Route("/v1/completions", completions.handle, methods=["POST"]),
+        Route("/tokenize", tokens.tokenize, methods=["POST"]),
+        Route("/detokenize", tokens.detokenize, methods=["POST"]),
+        *extra_routes,
+    ]
+    middleware = []
+    if settings.api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            OpenAIError: handle_openai_error,
+            HTTPException: handle_http_error,
+            Exception: handle_unexpected_error,
+        },
+    )
+    app.state.openai = state
+    return app
+
+
+class ApiKeyMiddleware:
+    """401 for /v1 (and tokenizer) requests without `Authorization: Bearer <key>`. Health,
+    version and metrics stay open for probes and scrapers."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (
+            path.startswith("/v1/") or path == "/v1" or path in _PROTECTED_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        provided = Headers(scope=scope).get("authorization", "").encode()
+        # NOTE: compare_digest takes the same time wherever the first difference is, so the
+        # response time does not leak how much of a guess was right.
+        if hmac.compare_digest(provided, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "Incorrect API key provided" if provided else
+            "You didn't provide an API key; send it as 'Authorization: Bearer <key>'"
+        )
+        response = OpenAIError(401, message, code="invalid_api_key").to_response()
+        await response(scope, receive, send)
+
+
+def _pagoda_version() -> str:
+    try:
+        return version("pagoda")
+    except PackageNotFoundError:
+        return "unknown"

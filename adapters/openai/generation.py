@@ -1,0 +1,140 @@
+"""The engine requests behind one API request, and the client connection they depend on.
+
+A completions request may carry several prompts: each becomes its own engine request, and their
+outputs are read as one stream. Nothing is answered before every prompt was accepted (its first
+output arrived), so a rejected prompt still gets a proper 400 even when the client asked for a
+stream. Cancelling (the client left, the server stops) aborts every engine request, which frees
+their KV blocks within one engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from pagoda.backend.async_engine import AsyncEngine
+from pagoda.backend.engine import Prompt
+from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class EngineRequestFailed(Exception):
+    """The engine gave up on an accepted request (it cannot fit the KV cache even alone)."""
+
+
+class PromptStreams:
+    """Outputs of the engine requests for `prompts`, merged as they arrive.
+
+    Outputs are cumulative (all text, tokens and logprobs so far), so only the newest unread
+    one of each prompt is kept: a client that reads slowly gets bigger deltas, and costs no
+    memory for the outputs it has not read.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, prompts: list[Prompt], params: SamplingParams
+    ) -> None:
+        self._engine = engine
+        self._request_id = request_id
+        self._prompts = prompts
+        self._params = params
+        self._unread: dict[int, RequestOutput | Exception] = {}
+        self._arrived = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._accepted: dict[int, RequestOutput] = {}  # outputs read by start(), not yet yielded
+        self._num_finished = 0
+
+    def engine_request_id(self, prompt_index: int) -> str:
+        return f"{self._request_id}-{prompt_index}"
+
+    async def start(self) -> None:
+        """Submit every prompt and wait until each was accepted. A prompt the engine rejects
+        raises its ValueError (or EngineRequestFailed, RuntimeError as below), after the others
+        were cancelled."""
+        self._tasks = [
+            asyncio.create_task(self._pump(index, prompt))
+            for index, prompt in enumerate(self._prompts)
+        ]
+        try:
+            while len(self._accepted) < len(self._prompts):
+                self._accepted.update(await self._read())
+        except BaseException:
+            self.cancel()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) until every prompt finished. A request the engine failed
+        raises EngineRequestFailed; a failure of the engine itself, its RuntimeError."""
+        pending = self._accepted
+        self._accepted = {}
+        while True:
+            for index, output in pending.items():
+                self._num_finished += output.finished
+                yield index, output
+            if self._num_finished == len(self._prompts):
+                return
+            pending = await self._read()
+
+    def cancel(self) -> None:
+        """Abort whatever still runs. Synchronous, so it is safe in a cancelled task's cleanup."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def _read(self) -> dict[int, RequestOutput]:
+        """The newest unread output of each prompt that has one; waits for at least one."""
+        while not self._unread:
+            self._arrived.clear()
+            await self._arrived.wait()
+        unread, self._unread = self._unread, {}
+        outputs: dict[int, RequestOutput] = {}
+        for index, item in unread.items():
+            if isinstance(item, Exception):
+                raise item
+            _raise_if_failed(item)
+            outputs[index] = item
+        return outputs
+
+    async def _pump(self, index: int, prompt: Prompt) -> None:
+        request_id = self.engine_request_id(index)
+        try:
+            async for output in self._engine.generate(request_id, prompt, self._params):
+                self._unread[index] = output  # replaces an unread older one: see the docstring
+                self._arrived.set()
+        except Exception as error:  # rejected (ValueError) or failed in the engine (RuntimeError)
+            self._unread[index] = error
+            self._arrived.set()
+
+
+def _raise_if_failed(output: RequestOutput) -> None:
+    if output.error is not None:
+        raise EngineRequestFailed(output.error)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` unless the client disconnects first; then cancel it and raise
+    ClientDisconnected. For the parts of a request where nothing is being sent, when no write
+    would fail to tell us the client is gone. The request body must already be read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

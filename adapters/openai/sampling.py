@@ -1,0 +1,72 @@
+"""OpenAI/vLLM request fields -> SamplingParams, with a 400 naming the field for any bad value."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from pagoda.adapters.openai.errors import OpenAIError, invalid_param, param_of
+from pagoda.adapters.openai.protocol import SamplingRequest
+from pagoda.backend.sampling_params import SamplingParams
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+# Request fields that SamplingParams takes under the same name.
+_PASSED_THROUGH = (
+    "n", "best_of", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids",
+    "include_stop_str_in_output", "ignore_eos", "min_tokens", "skip_special_tokens",
+    "spaces_between_special_tokens", "use_beam_search", "length_penalty", "early_stopping",
+)
+
+
+def build_sampling_params(
+    request: SamplingRequest,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    renamed: dict[str, str],
+) -> SamplingParams:
+    """max_tokens and logprobs come resolved (their request fields differ between endpoints);
+    `renamed` maps a SamplingParams field to the request field an error should name."""
+    _check_response_format(request)
+    values = {name: getattr(request, name) for name in _PASSED_THROUGH}
+    if request.use_beam_search and request.temperature is None:
+        # Beam search ranks by log-probability; OpenAI's default temperature of 1 is for sampling.
+        values["temperature"] = 0.0
+    values["logit_bias"] = _logit_bias(request.logit_bias)
+    values["max_tokens"] = max_tokens
+    values["logprobs"] = logprobs
+    # null means the default: leave those out (max_tokens None is meaningful: no limit).
+    kwargs = {k: v for k, v in values.items() if v is not None or k == "max_tokens"}
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as error:
+        message = str(error)
+        param = param_of(message, _SAMPLING_FIELDS)
+        param = renamed.get(param, param) if param else None
+        raise invalid_param(message, param) from None
+
+
+def check_streamable(request: SamplingRequest, params: SamplingParams) -> None:
+    """Samples beyond n are dropped only when all are done, so their text cannot be streamed."""
+    if request.stream and params.num_sequences > params.n and not params.use_beam_search:
+        raise invalid_param("best_of greater than n is not supported with stream", "best_of")
+
+
+def _check_response_format(request: SamplingRequest) -> None:
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        raise OpenAIError(
+            400,
+            f"response_format type {response_format.type!r} is not supported; only 'text' is",
+            param="response_format",
+        )
+
+
+def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    if logit_bias is None:
+        return None
+    try:
+        return {int(token_id): bias for token_id, bias in logit_bias.items()}
+    except ValueError:
+        raise invalid_param("logit_bias keys must be token ids", "logit_bias") from None

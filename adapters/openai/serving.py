@@ -1,0 +1,209 @@
+"""The flow chat and completions share: body -> validated job -> engine requests -> a JSON answer
+or an SSE stream, with metrics and disconnects handled the same way for both.
+
+Endpoints supply `prepare` (request fields -> Job), `response` (final outputs -> one body) and
+`chunks` (outputs as they come -> stream chunks); everything about errors, admission, client
+disconnects and the SSE framing lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pagoda.adapters.openai.errors import OpenAIError, engine_failure, engine_rejection
+from pagoda.adapters.openai.generation import (
+    ClientDisconnected,
+    EngineRequestFailed,
+    PromptStreams,
+    unless_disconnected,
+)
+from pagoda.adapters.openai.metrics import RequestTracker
+from pagoda.adapters.openai.parsing import read_json
+from pagoda.adapters.openai.protocol import SamplingRequest, UsageInfo
+from pagoda.adapters.openai.state import ServerState
+from pagoda.backend.engine import Prompt
+from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.sampling_params import SamplingParams
+
+# nginx's code for "client closed the request": nobody reads it, but access logs show it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass(slots=True)
+class Job:
+    """One validated API request, ready for the engine."""
+
+    request: SamplingRequest
+    model: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    include_usage: bool
+    request_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.request.stream)
+
+
+Outputs = AsyncIterator[tuple[int, RequestOutput]]
+
+
+class GenerationEndpoint(ABC):
+    id_prefix: str  # "chatcmpl" or "cmpl", as OpenAI's ids start
+    prompt_param: str  # the field an over-long prompt is reported against
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    @abstractmethod
+    def prepare(self, body: Any) -> Job:
+        """Validate the body; raise OpenAIError naming the bad field."""
+
+    @abstractmethod
+    def response(self, job: Job, outputs: dict[int, RequestOutput]) -> BaseModel:
+        """The whole answer from each prompt's final output."""
+
+    @abstractmethod
+    def chunks(self, job: Job, outputs: Outputs) -> AsyncIterator[BaseModel]:
+        """Stream chunks for outputs as they arrive, ending each choice with its finish_reason."""
+
+    @abstractmethod
+    def usage_chunk(self, job: Job, usage: UsageInfo) -> BaseModel:
+        """The last chunk of a stream with usage: no choices, only usage."""
+
+    def new_request_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    async def handle(self, request: Request) -> Response:
+        tracker = self.state.metrics.track()
+        try:
+            job = self.prepare(await read_json(request, self.state.settings.max_request_bytes))
+            streams = PromptStreams(self.state.engine, job.request_id, job.prompts, job.params)
+            with self.state.admit(len(job.prompts)):
+                await unless_disconnected(request, self._start(streams))
+        except OpenAIError as error:
+            tracker.finish("error" if error.status_code == 500 else "rejected")
+            raise
+        except ClientDisconnected:
+            tracker.finish("aborted")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if job.stream:
+
+            async def close() -> None:
+                # The stream's own cleanup does this, unless the client left before it began.
+                streams.cancel()
+                tracker.finish("aborted")
+
+            return EventSourceResponse(
+                self._events(job, streams, tracker), sep="\n",
+                ping=self.state.settings.sse_ping_seconds, background=BackgroundTask(close),
+            )
+        outcome = "aborted"
+        try:
+            finals = await unless_disconnected(request, self._collect(streams, tracker))
+            outcome = "success"
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except OpenAIError:
+            outcome = "error"
+            raise
+        finally:
+            streams.cancel()
+            tracker.finish(outcome)
+        return JSONResponse(self.response(job, finals).model_dump(mode="json"))
+
+    async def _start(self, streams: PromptStreams) -> None:
+        try:
+            await streams.start()
+        except ValueError as error:
+            raise engine_rejection(error, self.prompt_param) from None
+        except EngineRequestFailed as error:
+            raise _request_failed(error) from None
+        except RuntimeError as error:
+            raise engine_failure(str(error)) from None
+
+    async def _collect(
+        self, streams: PromptStreams, tracker: RequestTracker
+    ) -> dict[int, RequestOutput]:
+        finals: dict[int, RequestOutput] = {}
+        async for index, output in _tracked(streams, tracker):
+            finals[index] = output
+        return finals
+
+    async def _events(
+        self, job: Job, streams: PromptStreams, tracker: RequestTracker
+    ) -> AsyncIterator[str]:
+        """`data: {json}` per chunk, an error event if the engine fails the request, then
+        `data: [DONE]`. A client that goes away cancels this generator: no [DONE] then, and the
+        engine requests are aborted."""
+        exclude = None if job.include_usage else {"usage"}
+        finals: dict[int, RequestOutput] = {}
+        outcome = "aborted"
+        try:
+            async for chunk in self.chunks(job, _remember(_tracked(streams, tracker), finals)):
+                yield chunk.model_dump_json(exclude=exclude)
+            if job.include_usage:
+                yield self.usage_chunk(job, usage_of(finals)).model_dump_json()
+            outcome = "success"
+        except OpenAIError as error:
+            outcome = "error"
+            # Headers are gone already; OpenAI's SDK raises on an event carrying an error.
+            yield json.dumps({"error": error.info.model_dump()})
+        finally:
+            streams.cancel()
+            tracker.finish(outcome)
+        yield "[DONE]"
+
+
+async def _tracked(streams: PromptStreams, tracker: RequestTracker) -> Outputs:
+    """The streams' outputs, observed by the tracker, with engine failures as OpenAIErrors."""
+    try:
+        async for index, output in streams:
+            tracker.observe(index, output)
+            yield index, output
+    except EngineRequestFailed as error:
+        raise _request_failed(error) from None
+    except RuntimeError as error:
+        raise engine_failure(str(error)) from None
+
+
+async def _remember(outputs: Outputs, finals: dict[int, RequestOutput]) -> Outputs:
+    async for index, output in outputs:
+        finals[index] = output
+        yield index, output
+
+
+def _request_failed(error: EngineRequestFailed) -> OpenAIError:
+    # The engine fails a request only when it cannot fit the KV cache even alone: its size (n,
+    # best_of, max_tokens) is the problem, not the server's load.
+    return OpenAIError(400, str(error), code="kv_cache_capacity_exceeded")
+
+
+def usage_of(finals: dict[int, RequestOutput]) -> UsageInfo:
+    prompt_tokens = sum(len(output.prompt_token_ids) for output in finals.values())
+    completion_tokens = sum(
+        len(completion.token_ids) for output in finals.values() for completion in output.outputs
+    )
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def include_usage(request: SamplingRequest, forced: bool) -> bool:
+    options = request.stream_options
+    return bool(request.stream) and (forced or bool(options and options.include_usage))

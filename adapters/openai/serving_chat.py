@@ -1,0 +1,135 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pagoda.adapters.openai.errors import invalid_param
+from pagoda.adapters.openai.logprobs import chat_logprobs
+from pagoda.adapters.openai.parsing import parse_body
+from pagoda.adapters.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    DeltaMessage,
+    UsageInfo,
+)
+from pagoda.adapters.openai.sampling import build_sampling_params, check_streamable
+from pagoda.adapters.openai.serving import GenerationEndpoint, Job, Outputs, include_usage, usage_of
+from pagoda.backend.outputs import CompletionOutput, RequestOutput
+
+
+@dataclass(slots=True)
+class _ChoiceProgress:
+    """How much of one choice a stream has sent."""
+
+    num_chars: int = 0
+    num_tokens: int = 0
+    finished: bool = False
+
+
+class ChatEndpoint(GenerationEndpoint):
+    id_prefix = "chatcmpl"
+    prompt_param = "messages"
+
+    def prepare(self, body: Any) -> Job:
+        request = parse_body(ChatCompletionRequest, body)
+        model = self.state.resolve_model(request.model)
+        prompt = self.state.render_chat(
+            request.messages, request.add_generation_prompt, request.chat_template_kwargs
+        )
+        # max_completion_tokens replaced max_tokens in OpenAI's API; either is accepted.
+        max_tokens_param = "max_tokens"
+        if request.max_completion_tokens is not None:
+            max_tokens_param = "max_completion_tokens"
+        params = build_sampling_params(
+            request,
+            max_tokens=getattr(request, max_tokens_param),
+            logprobs=self._logprobs(request),
+            renamed={"max_tokens": max_tokens_param, "logprobs": "top_logprobs"},
+        )
+        check_streamable(request, params)
+        return Job(
+            request=request, model=model, prompts=[prompt], params=params,
+            include_usage=include_usage(request, self.state.settings.enable_force_include_usage),
+            request_id=self.new_request_id(),
+        )
+
+    def _logprobs(self, request: ChatCompletionRequest) -> int | None:
+        top = request.top_logprobs
+        if top is not None and not request.logprobs:
+            raise invalid_param("top_logprobs requires logprobs to be true", "top_logprobs")
+        if top is not None and not 0 <= top <= self.state.settings.max_logprobs:
+            raise invalid_param(
+                f"top_logprobs must be in 0..{self.state.settings.max_logprobs}, got {top}",
+                "top_logprobs",
+            )
+        return (top or 0) if request.logprobs else None
+
+    def _logprobs_of(
+        self, job: Job, completion: CompletionOutput, first_token: int
+    ) -> ChatLogprobs | None:
+        if completion.logprobs is None:
+            return None
+        request = job.request
+        assert isinstance(request, ChatCompletionRequest)
+        return chat_logprobs(
+            completion.logprobs[first_token:], completion.token_ids[first_token:],
+            request.top_logprobs or 0, self.state.token_strings,
+        )
+
+    def response(self, job: Job, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=completion.index,
+                message=AssistantMessage(content=completion.text),
+                logprobs=self._logprobs_of(job, completion, 0),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+            for completion in outputs[0].outputs
+        ]
+        return ChatCompletionResponse(
+            id=job.request_id, created=job.created, model=job.model, choices=choices,
+            usage=usage_of(outputs),
+        )
+
+    def _chunk(self, job: Job, choice: ChatChunkChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=job.request_id, created=job.created, model=job.model, choices=[choice]
+        )
+
+    async def chunks(self, job: Job, outputs: Outputs) -> AsyncIterator[ChatCompletionChunk]:
+        # One choice per chunk: clients such as Open WebUI read choices[0] only.
+        for index in range(job.params.n):
+            delta = DeltaMessage(role="assistant", content="")
+            yield self._chunk(job, ChatChunkChoice(index=index, delta=delta))
+        progress = [_ChoiceProgress() for _ in range(job.params.n)]
+        async for _, output in outputs:
+            for completion in output.outputs:
+                sent = progress[completion.index]
+                if sent.finished:
+                    continue
+                text = completion.text[sent.num_chars:]
+                logprobs = self._logprobs_of(job, completion, sent.num_tokens)
+                sent.finished = completion.finished
+                if not (text or sent.finished or (logprobs and logprobs.content)):
+                    continue  # a token whose text is held back (a partial character or stop)
+                sent.num_chars = len(completion.text)
+                sent.num_tokens = len(completion.token_ids)
+                yield self._chunk(job, ChatChunkChoice(
+                    index=completion.index, delta=DeltaMessage(content=text or None),
+                    logprobs=logprobs, finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                ))
+
+    def usage_chunk(self, job: Job, usage: UsageInfo) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=job.request_id, created=job.created, model=job.model, choices=[], usage=usage
+        )

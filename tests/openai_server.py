@@ -1,0 +1,99 @@
+"""A real uvicorn server with the OpenAI-compatible API, on a free 127.0.0.1 port, in a thread.
+
+In-process (not a subprocess) so tests can look at the engine behind it: after the session the
+fixture checks that no request and no KV block was leaked.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "test-key"
+MODEL_NAME = "pagoda-test"
+MAX_MODEL_LEN = 512
+MAX_REQUEST_BYTES = 256 * 1024
+
+
+@dataclass
+class RunningServer:
+    base_url: str  # http://127.0.0.1:PORT
+    api_key: str
+    model: str
+    engine: object  # the AsyncEngine
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(base_url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no healthy server at {base_url} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
+    import uvicorn
+
+    from pagoda.adapters.openai import ServerSettings, create_app
+    from pagoda.backend import EngineConfig, LLMEngine
+    from pagoda.backend.async_engine import AsyncEngine
+
+    engine = AsyncEngine(LLMEngine(EngineConfig(
+        model=str(demo_model_dir), dtype="float32", device="cpu", num_kv_blocks=512,
+        max_model_len=MAX_MODEL_LEN,
+    )))
+    engine.start()
+    settings = ServerSettings(
+        port=free_port(), served_model_names=[MODEL_NAME], api_key=API_KEY,
+        max_request_bytes=MAX_REQUEST_BYTES, uvicorn_log_level="warning",
+    )
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(engine, settings), host="127.0.0.1", port=settings.port,
+        log_level=settings.uvicorn_log_level,
+    ))
+    thread = threading.Thread(target=server.run, name="openai-test-server", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_until_healthy(base_url)
+        yield RunningServer(base_url, API_KEY, MODEL_NAME, engine)
+        # Checked before the server stops, which would abort whatever a test left running.
+        wait_until_idle(engine)
+        engine.engine.check_no_leaks()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.shutdown()
+
+
+def wait_until_idle(engine, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.engine.has_unfinished_requests() or engine.snapshot.num_kv_blocks_used:
+        assert time.monotonic() < deadline, "requests still running after the tests"
+        time.sleep(0.05)

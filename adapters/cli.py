@@ -4,6 +4,7 @@
     pagoda chat [--message TEXT] [engine flags]          one chat turn through the chat template
     pagoda demo-model --output DIR                       write the built-in demo model to DIR
     pagoda serve [server flags] [engine flags]           serve the OpenAI-compatible HTTP API
+    pagoda worker [worker flags] [engine flags]          serve as a FastChat model worker
 
 Engine flags follow vLLM's names (--dtype, --device, --block-size, --num-kv-blocks, ...).
 """
@@ -15,6 +16,7 @@ import logging
 import sys
 from dataclasses import asdict, fields
 
+from pagoda.adapters.fastchat.server import add_worker_args, run_worker
 from pagoda.adapters.openai.settings import add_server_args, settings_from_args
 from pagoda.backend import LLM, EngineConfig, SamplingParams
 from pagoda.backend.demo import build_demo_model
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_server_args(serve)
     add_engine_args(serve)
+
+    worker = commands.add_parser("worker", help="serve the model as a FastChat model worker")
+    add_worker_args(worker)
+    add_engine_args(worker)
     return parser
 
 
@@ -97,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return serve_from_args(parser, args)
+    if args.command == "worker":
+        try:
+            return run_worker(args, engine_config_from_args(args))
+        except ValueError as error:
+            parser.error(str(error))
     try:
         config = engine_config_from_args(args)
         params = sampling_params_from_args(args)

@@ -1,0 +1,91 @@
+"""The conversation template a worker hands to FastChat's API server (/worker_get_conv_template).
+
+FastChat's API server builds chat prompts from this template, so it must match the model's own
+chat format. With fschat installed its registry is used, exactly as FastChat's workers do;
+without it only the built-in Vicuna v1.1 template (the demo model's chat format) is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+VICUNA_TEMPLATE_NAME = "vicuna_v1.1"
+# FastChat's fallback for a model it does not recognise (its BaseModelAdapter's template).
+FASTCHAT_FALLBACK_TEMPLATE_NAME = "one_shot"
+
+# fastchat.conversation's "vicuna_v1.1" as the worker protocol serialises it; sep_style 2 is
+# SeparatorStyle.ADD_COLON_TWO. The demo model's chat_template.jinja renders the same prompt.
+VICUNA_V1_1: dict[str, Any] = {
+    "name": VICUNA_TEMPLATE_NAME,
+    "system_template": "{system_message}",
+    "system_message": (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    "roles": ["USER", "ASSISTANT"],
+    "messages": [],
+    "offset": 0,
+    "sep_style": 2,
+    "sep": " ",
+    "sep2": "</s>",
+    "stop_str": None,
+    "stop_token_ids": None,
+}
+
+
+def resolve_conv_template(
+    template_name: str | None, model: str | None, model_names: list[str]
+) -> dict[str, Any]:
+    """The template for the served model: `template_name` when given (--conv-template); else,
+    for the demo model (`model` None), Vicuna v1.1; else FastChat's choice for the model path,
+    then for each served name (FastChat matches on names such as "vicuna-7b" or "mistral")."""
+    try:
+        from fastchat.conversation import conv_templates, get_conv_template
+        from fastchat.model.model_adapter import get_conversation_template
+    except ImportError:
+        return _builtin_template(template_name, model)
+    if template_name:
+        if template_name not in conv_templates:
+            raise ValueError(
+                f"--conv-template {template_name!r} is not one of FastChat's templates "
+                f"({', '.join(sorted(conv_templates))})"
+            )
+        return _as_dict(get_conv_template(template_name))
+    if model is None:
+        return _as_dict(get_conv_template(VICUNA_TEMPLATE_NAME))
+    for candidate in (model, *model_names):
+        conv = get_conversation_template(candidate)
+        if conv.name != FASTCHAT_FALLBACK_TEMPLATE_NAME:
+            return _as_dict(conv)
+    logger.warning(
+        "FastChat knows no conversation template for %s (names %s); using %r. Pass "
+        "--conv-template to choose one.", model, model_names, FASTCHAT_FALLBACK_TEMPLATE_NAME,
+    )
+    return _as_dict(get_conversation_template(model))
+
+
+def _builtin_template(template_name: str | None, model: str | None) -> dict[str, Any]:
+    if template_name not in (None, VICUNA_TEMPLATE_NAME):
+        raise ValueError(
+            f"--conv-template {template_name!r} needs fschat installed (pip install "
+            "'pagoda[fastchat]'); without it only 'vicuna_v1.1' is available"
+        )
+    if template_name is None and model is not None:
+        logger.warning(
+            "fschat is not installed: serving FastChat's %r conversation template for %s; install "
+            "'pagoda[fastchat]' or pass --conv-template if the model uses another chat format",
+            VICUNA_TEMPLATE_NAME, model,
+        )
+    return dict(VICUNA_V1_1)
+
+
+def _as_dict(conv: Any) -> dict[str, Any]:
+    """A fastchat Conversation as FastChat's workers serialise it (sep_style as an int)."""
+    data = dataclasses.asdict(conv)
+    data["sep_style"] = int(conv.sep_style)
+    data["roles"] = list(conv.roles)
+    return data

@@ -1,0 +1,143 @@
+"""FastChat's model-worker protocol: request fields, error codes and the chunks sent back.
+
+Mirrors fastchat 0.2.36 (fastchat/constants.py and fastchat/serve/*_worker.py) without importing
+it. Every answer is a JSON object with `text` and `error_code` (0 when all went well); errors are
+sent with HTTP 200 in that same shape, because FastChat's API server reads the code from the body
+and turns any other status into a bare 50001.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pagoda.backend.sampling_params import SamplingParams
+
+# FastChat's default when a request names no max_new_tokens (fastchat/serve/inference.py).
+DEFAULT_MAX_NEW_TOKENS = 256
+CHUNK_DELIMITER = b"\0"
+
+
+class ErrorCode(IntEnum):
+    """The subset of fastchat.constants.ErrorCode a worker sends, with FastChat's values."""
+
+    VALIDATION_TYPE_ERROR = 40001
+    INVALID_MODEL = 40301
+    PARAM_OUT_OF_RANGE = 40302
+    CONTEXT_OVERFLOW = 40303
+    ENGINE_OVERLOADED = 42903
+    INTERNAL_ERROR = 50001
+
+
+class WorkerError(Exception):
+    """A request the worker answers with a FastChat error chunk instead of generated text."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def chunk(self) -> dict[str, Any]:
+        return error_chunk(self.code, str(self))
+
+
+class GenerateRequest(BaseModel):
+    """The body of /worker_generate_stream and /worker_generate. FastChat's peers send None for
+    fields their caller left unset, so None always means "FastChat's default"; fields FastChat
+    sends that Pagoda has no use for (images, request_id, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    echo: bool | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> GenerateRequest:
+        try:
+            return cls.model_validate(body)
+        except ValidationError as error:
+            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
+
+    @property
+    def wants_echo(self) -> bool:
+        # NOTE: FastChat's workers echo the prompt unless told not to; its peers all send
+        # "echo": false for chat, and completions pass the client's echo through.
+        return True if self.echo is None else self.echo
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's parameters for this request; WorkerError 40302 for a value out of range."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if top_p == 0.0:
+            # FastChat's UIs allow top_p 0, which keeps only the most likely token: greedy.
+            top_p, temperature = 1.0, 0.0
+        use_beam_search = bool(self.use_beam_search)
+        if use_beam_search:
+            # FastChat's peers always send a temperature (its API server defaults to 0.7);
+            # beam search is deterministic and does not use it.
+            temperature = 0.0
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(
+                n=1,
+                best_of=self.best_of,
+                use_beam_search=use_beam_search,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=self.top_k if self.top_k is not None else -1,
+                repetition_penalty=_or(self.repetition_penalty, 1.0),
+                presence_penalty=_or(self.presence_penalty, 0.0),
+                frequency_penalty=_or(self.frequency_penalty, 0.0),
+                # FastChat sends "" for "no stop string" (conv.stop_str of many templates).
+                stop=[s for s in stop if s],
+                stop_token_ids=list(self.stop_token_ids or []),
+                max_tokens=self.max_new_tokens,
+                logprobs=self.logprobs,
+            )
+        except ValueError as error:
+            raise WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, str(error)) from None
+
+
+def engine_rejection(error: ValueError) -> WorkerError:
+    """The FastChat error for a request the engine refused to queue."""
+    message = str(error)
+    # NOTE: the engine's over-long prompt error is the one that names max_model_len.
+    if "max_model_len" in message:
+        return WorkerError(ErrorCode.CONTEXT_OVERFLOW, message)
+    return WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, message)
+
+
+def error_chunk(code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"text": message, "error_code": int(code)}
+
+
+def encode_chunk(chunk: dict[str, Any]) -> bytes:
+    """One streamed chunk: JSON followed by a NUL byte, the delimiter FastChat's peers split on."""
+    return json.dumps(chunk).encode() + CHUNK_DELIMITER
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _describe(error: ValidationError) -> str:
+    problems = [
+        f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}"
+        for item in error.errors()
+    ]
+    return "invalid request: " + "; ".join(problems)

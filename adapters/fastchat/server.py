@@ -1,0 +1,133 @@
+"""`pagoda worker`: one engine served as a FastChat model worker, and its flags.
+
+Also the pieces `pagoda serve --fastchat-controller` reuses to put the worker's routes on its own
+app: `registered_serving` runs a uvicorn server and keeps the worker registered while it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+from starlette.applications import Starlette
+
+from pagoda.adapters.fastchat.conv_template import resolve_conv_template
+from pagoda.adapters.fastchat.registration import (
+    ControllerRegistration,
+    check_http_url,
+    heart_beat_interval_from_env,
+)
+from pagoda.adapters.fastchat.worker import DEFAULT_LIMIT_WORKER_CONCURRENCY, FastChatWorker
+from pagoda.adapters.fastchat.worker_app import worker_routes
+from pagoda.backend import EngineConfig, LLMEngine
+from pagoda.backend.async_engine import AsyncEngine
+from pagoda.backend.demo import DEMO_MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTROLLER_ADDRESS = "http://localhost:21001"  # FastChat's default
+DEFAULT_WORKER_PORT = 21002  # FastChat's default
+STARTED_POLL_SECONDS = 0.05
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("FastChat worker")
+    group.add_argument("--host", default="127.0.0.1")
+    group.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
+    group.add_argument("--controller-address", default=DEFAULT_CONTROLLER_ADDRESS)
+    group.add_argument("--worker-address", default=None,
+                       help="URL the controller and FastChat's servers reach this worker at "
+                            "(default: http://HOST:PORT)")
+    group.add_argument("--model-names", type=_comma_list, default=None,
+                       help="comma-separated names to serve the model under (default: the model "
+                            f"folder's name, or {DEMO_MODEL_NAME}); FastChat's UIs pick prompt "
+                            "formats by name, e.g. vicuna-* for the demo model")
+    group.add_argument("--conv-template", default=None,
+                       help="FastChat conversation template name (default: FastChat's choice "
+                            "for the model path or names)")
+    group.add_argument("--limit-worker-concurrency", type=int,
+                       default=DEFAULT_LIMIT_WORKER_CONCURRENCY,
+                       help="requests served at once; more wait for a slot")
+    group.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="answer error 42903 (overloaded) while this many requests wait")
+    group.add_argument("--no-register", action="store_true",
+                       help="do not register with the controller")
+
+
+def default_model_name(model: str | None) -> str:
+    """FastChat's rule: the last part of the model path; the demo model has its own name."""
+    return DEMO_MODEL_NAME if model is None else model.rstrip("/").split("/")[-1]
+
+
+def default_worker_address(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"  # a wildcard bind address is no address to call back
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
+    """Serve until interrupted. Flag errors raise ValueError before the model is loaded."""
+    # Before the template lookup: importing fastchat fails on a bad heartbeat variable.
+    heart_beat_interval = heart_beat_interval_from_env()
+    worker_address = check_http_url(
+        "--worker-address", args.worker_address or default_worker_address(args.host, args.port)
+    )
+    controller_address = check_http_url("--controller-address", args.controller_address)
+    model_names = args.model_names or [default_model_name(config.model)]
+    conv_template = resolve_conv_template(args.conv_template, config.model, model_names)
+
+    engine = AsyncEngine(LLMEngine(config))
+    engine.start()
+    worker = FastChatWorker(engine, model_names, conv_template, args.limit_worker_concurrency,
+                            args.max_waiting_requests)
+    registration = None if args.no_register else ControllerRegistration(
+        controller_address, worker_address, worker.status, heart_beat_interval
+    )
+    app = Starlette(routes=worker_routes(worker))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info",
+        # A stream left running when the worker stops is aborted after this long.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    ))
+    try:
+        asyncio.run(registered_serving(server, registration))
+    finally:
+        engine.shutdown()
+    return 0
+
+
+async def registered_serving(
+    server: uvicorn.Server, registration: ControllerRegistration | None
+) -> None:
+    """Run `server`, keeping the worker registered from the moment it accepts connections (the
+    controller may call back at once) until it stops."""
+    keeper = asyncio.create_task(_register_once_started(server, registration))
+    try:
+        await server.serve()
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+
+async def _register_once_started(
+    server: uvicorn.Server, registration: ControllerRegistration | None
+) -> None:
+    if registration is None:
+        return
+    while not server.started:
+        await asyncio.sleep(STARTED_POLL_SECONDS)
+    await registration.run()
+
+
+def _comma_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names")
+    return names

@@ -1,0 +1,173 @@
+"""FastChatWorker: one AsyncEngine behind FastChat's model-worker protocol, transport aside."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagoda.adapters.fastchat.chunks import ChunkBuilder
+from pagoda.adapters.fastchat.protocol import (
+    ErrorCode,
+    GenerateRequest,
+    WorkerError,
+    engine_rejection,
+)
+from pagoda.backend.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+# FastChat's vLLM worker default: a batching engine queues requests itself, so the semaphore
+# only caps how many a worker accepts at once.
+DEFAULT_LIMIT_WORKER_CONCURRENCY = 1024
+
+
+class FastChatWorker:
+    """Generation, status and tokenizer answers for one engine served under `model_names`."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_names: list[str],
+        conv_template: dict[str, Any],
+        limit_worker_concurrency: int = DEFAULT_LIMIT_WORKER_CONCURRENCY,
+        max_waiting_requests: int | None = None,
+    ) -> None:
+        if not model_names:
+            raise ValueError("model_names must name at least one model")
+        if limit_worker_concurrency < 1:
+            raise ValueError(
+                f"limit_worker_concurrency must be >= 1, got {limit_worker_concurrency}"
+            )
+        if max_waiting_requests is not None and max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0, got {max_waiting_requests}")
+        self.engine = engine
+        self.model_names = list(model_names)
+        self.conv_template = conv_template
+        self.limit_worker_concurrency = limit_worker_concurrency
+        self.max_waiting_requests = max_waiting_requests
+        # FastChat's semantics: requests beyond the limit wait for a slot, they are not refused.
+        self._slots = asyncio.Semaphore(limit_worker_concurrency)
+        self._num_waiting_for_slot = 0
+        # Requests handed to the engine that have no output yet: the engine's own waiting count
+        # lags by up to a step, so a burst would slip past it alone.
+        self._num_unstarted = 0
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.engine.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def queue_length(self) -> int:
+        """What the controller balances on: the engine's running and waiting requests (all of
+        them, OpenAI traffic included when one engine serves both), plus requests waiting here
+        for a concurrency slot."""
+        snapshot = self.engine.snapshot
+        return snapshot.num_running + snapshot.num_waiting + self._num_waiting_for_slot
+
+    def status(self) -> dict[str, Any]:
+        """FastChat's worker status; "engine" is Pagoda's addition (FastChat's controller reads
+        only the first three keys)."""
+        snapshot = self.engine.snapshot
+        return {
+            "model_names": self.model_names,
+            "speed": 1,
+            "queue_length": self.queue_length(),
+            "engine": {
+                "num_running": snapshot.num_running,
+                "num_waiting": snapshot.num_waiting,
+                "num_kv_blocks_used": snapshot.num_kv_blocks_used,
+                "num_kv_blocks_total": snapshot.num_kv_blocks_total,
+            },
+        }
+
+    def count_tokens(self, prompt: str) -> int:
+        # NOTE: the same rule as the engine's own encoding: a prompt that starts with the BOS
+        # token (as rendered chat templates do) gets no second one.
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos and prompt.startswith(bos))
+        return len(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+
+    async def generate_stream(self, body: Any) -> AsyncIterator[dict[str, Any]]:
+        """FastChat's chunks for one request; an error is the last chunk. Closing the iterator
+        early (a client that went away) aborts the engine request and frees the slot."""
+        try:
+            request = GenerateRequest.parse(body)
+            self._check_model(request.model)
+            params = request.sampling_params()
+            self._check_not_overloaded()
+            async with self._slot():
+                builder = ChunkBuilder(request, params, self.tokenizer)
+                request_id = f"fastchat-{uuid.uuid4().hex}"
+                # aclosing: when this stream is closed early, the engine request is aborted now
+                # rather than whenever the inner generator is garbage-collected.
+                outputs = self.engine.generate(request_id, request.prompt, params)
+                self._num_unstarted += 1
+                started = False
+                try:
+                    async with contextlib.aclosing(outputs):
+                        async for output in outputs:
+                            if not started:
+                                started = True
+                                self._num_unstarted -= 1
+                            for chunk in builder.chunks(output):
+                                yield chunk
+                except ValueError as error:
+                    raise engine_rejection(error) from None
+                except RuntimeError as error:
+                    logger.warning("request %s failed: %s", request_id, error)
+                    raise WorkerError(ErrorCode.INTERNAL_ERROR, str(error)) from None
+                finally:
+                    if not started:
+                        self._num_unstarted -= 1
+        except WorkerError as error:
+            yield error.chunk()
+
+    async def generate(self, body: Any) -> dict[str, Any]:
+        """The last chunk of the stream: the whole text with usage and finish_reason."""
+        last: dict[str, Any] = {}
+        async for chunk in self.generate_stream(body):
+            last = chunk
+        return last
+
+    def _check_model(self, model: str | None) -> None:
+        # FastChat's peers always name the model; a request without one is for this worker.
+        if model is not None and model not in self.model_names:
+            raise WorkerError(
+                ErrorCode.INVALID_MODEL,
+                f"this worker serves {', '.join(self.model_names)}, not {model!r}",
+            )
+
+    def _check_not_overloaded(self) -> None:
+        """42903 (FastChat's "engine overloaded": its peers may retry, elsewhere or later) when
+        max_waiting_requests requests already wait, in the engine or for a slot."""
+        if self.max_waiting_requests is None:
+            return
+        in_engine = max(self.engine.snapshot.num_waiting, self._num_unstarted)
+        num_waiting = in_engine + self._num_waiting_for_slot
+        if num_waiting >= self.max_waiting_requests:
+            raise WorkerError(
+                ErrorCode.ENGINE_OVERLOADED,
+                f"{num_waiting} requests are waiting (max_waiting_requests="
+                f"{self.max_waiting_requests}); retry later",
+            )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        self._num_waiting_for_slot += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._num_waiting_for_slot -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()

@@ -1,0 +1,134 @@
+"""FastChat's worker endpoints as Starlette routes, all POST as FastChat's peers call them.
+
+Answers always come with HTTP 200 and FastChat's `error_code` in the body: its API server and
+controller read errors from there and reduce any other status to a code-less failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError, encode_chunk
+from pagoda.adapters.fastchat.worker import FastChatWorker
+
+T = TypeVar("T")
+
+
+class NulDelimitedStream(StreamingResponse):
+    """FastChat's stream: JSON chunks each followed by a NUL byte."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        super().__init__(_encoded(chunks))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Starlette stops iterating when the client disconnects but leaves the generator
+            # suspended; closing it now aborts the engine request and frees its concurrency slot
+            # at once instead of whenever the generator is garbage-collected.
+            await self.body_iterator.aclose()
+
+
+def worker_routes(worker: FastChatWorker) -> list[Route]:
+    async def generate_stream(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+        except WorkerError as error:
+            return NulDelimitedStream(_single(error.chunk()))
+        return NulDelimitedStream(worker.generate_stream(body))
+
+    async def generate(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+        except WorkerError as error:
+            return JSONResponse(error.chunk())
+        result = await _unless_disconnected(request, worker.generate(body))
+        # None: the client is gone and nobody reads the answer.
+        return JSONResponse(result) if result is not None else Response(status_code=499)
+
+    async def get_status(request: Request) -> Response:
+        return JSONResponse(worker.status())
+
+    async def count_token(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            prompt = body.get("prompt") if isinstance(body, dict) else None
+            if not isinstance(prompt, str):
+                raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, "prompt must be a string")
+        except WorkerError as error:
+            return JSONResponse(error.chunk())
+        return JSONResponse({"count": worker.count_tokens(prompt), "error_code": 0})
+
+    async def model_details(request: Request) -> Response:
+        return JSONResponse({"context_length": worker.context_length})
+
+    async def get_conv_template(request: Request) -> Response:
+        return JSONResponse({"conv": worker.conv_template})
+
+    async def get_embeddings(request: Request) -> Response:
+        error = WorkerError(
+            ErrorCode.INVALID_MODEL,
+            f"{', '.join(worker.model_names)} is served for generation; this Pagoda worker does "
+            "not compute embeddings",
+        )
+        return JSONResponse(error.chunk())
+
+    endpoints = {
+        "/worker_generate_stream": generate_stream,
+        "/worker_generate": generate,
+        "/worker_get_status": get_status,
+        "/count_token": count_token,
+        "/model_details": model_details,
+        "/worker_get_conv_template": get_conv_template,
+        "/worker_get_embeddings": get_embeddings,
+    }
+    return [Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()]
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, f"body is not JSON: {error}") from None
+
+
+async def _encoded(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            yield encode_chunk(chunk)
+
+
+async def _single(chunk: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield chunk
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None once the client disconnects (then `work` is cancelled, which
+    aborts its engine request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
+
+
+async def _disconnect(request: Request) -> None:
+    # The body is read already: the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

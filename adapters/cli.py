@@ -16,7 +16,12 @@ import logging
 import sys
 from dataclasses import asdict, fields
 
-from pagoda.adapters.fastchat.server import add_worker_args, run_worker
+from pagoda.adapters.fastchat.server import (
+    add_serve_worker_args,
+    add_worker_args,
+    attached_worker_from_args,
+    run_worker,
+)
 from pagoda.adapters.openai.settings import add_server_args, settings_from_args
 from pagoda.backend import LLM, EngineConfig, SamplingParams
 from pagoda.backend.demo import build_demo_model
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_server_args(serve)
+    add_serve_worker_args(serve)
     add_engine_args(serve)
 
     worker = commands.add_parser("worker", help="serve the model as a FastChat model worker")
@@ -127,12 +133,19 @@ def serve_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     try:
         config = engine_config_from_args(args)
         settings = settings_from_args(args)
+        fastchat = attached_worker_from_args(
+            args, config, settings.host, settings.port, settings.served_model_names,
+            settings.max_waiting_requests,
+        )
     except ValueError as error:
         parser.error(str(error))
     # Imported here: the web stack is only needed by this command.
     from pagoda.adapters.openai.server import run_server
 
-    run_server(config, settings)
+    if fastchat is None:
+        run_server(config, settings)
+    else:
+        run_server(config, settings, fastchat.routes, fastchat.keep_registered)
     return 0
 
 

@@ -57,17 +57,18 @@ class ManagedProcess:
         log.close()
         return self
 
-    def stop(self, kill: bool = False) -> None:
-        """SIGTERM (or SIGKILL), then SIGKILL if it outlives STOP_TIMEOUT. FastChat's controller
-        never exits on SIGTERM alone: its heartbeat thread is not a daemon."""
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """Send `sig`, then SIGKILL if the process outlives STOP_TIMEOUT; returns its exit code
+        (None when it was gone already). FastChat's controller never exits on SIGTERM alone:
+        its heartbeat thread is not a daemon."""
         if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            return None
+        self.process.send_signal(sig)
         try:
-            self.process.wait(STOP_TIMEOUT)
+            return self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
+            return self.process.wait(STOP_TIMEOUT)
 
     def log_tail(self, num_chars: int = 4000) -> str:
         try:
@@ -169,7 +170,7 @@ class Deployment:
         return f"http://127.0.0.1:{self.controller_port}"
 
     def restart_controller(self) -> None:
-        self.controller.stop(kill=True)
+        self.controller.stop(signal.SIGKILL)
         self.controller = start_controller(self.workdir, self.controller_port)
 
 
@@ -195,7 +196,7 @@ def fastchat_deployment(
         yield deployment
     finally:
         if deployment is not None:
-            deployment.controller.stop(kill=True)
+            deployment.controller.stop(signal.SIGKILL)
         worker.stop()
 
 

@@ -14,15 +14,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fastchat_processes import (
     Deployment,
+    ManagedProcess,
     cached_venv,
     controller_models,
     fastchat_deployment,
+    free_port,
     post,
     start_fastchat_api_server,
+    stream_chunks,
     wait_for,
     wait_for_models,
 )
@@ -163,3 +167,38 @@ def test_streaming_through_fastchat_api_server_under_pydantic1(pydantic1_api_ser
                                      max_tokens=8, temperature=0).choices[0].text
     assert "".join(p.choices[0].text for p in pieces) == text.replace("\ufffd", "")
     assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_pagoda_serve_speaks_both_protocols_from_one_engine(deployment, demo_model_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = ManagedProcess("pagoda-serve", [
+        sys.executable, "-m", "pagoda.adapters.cli", "serve", "--model", str(demo_model_dir),
+        "--served-model-name", "vicuna-serve", "--host", "127.0.0.1", "--port", str(port),
+        "--fastchat-controller", deployment.controller_url, "--num-kv-blocks", "256",
+        "--dtype", "float32", "--device", "cpu", "--uvicorn-log-level", "warning",
+    ], deployment.workdir, env={"FASTCHAT_WORKER_HEART_BEAT_INTERVAL": str(HEART_BEAT_INTERVAL)})
+    process.start()
+    try:
+        wait_for_models(deployment.controller_url, ["vicuna-serve"], 120, (process,))
+        address = post(f"{deployment.controller_url}/get_worker_address", {"model": "vicuna-serve"})
+        assert address == {"address": url}
+        # An OpenAI stream in flight is in the queue the worker reports: one engine serves both.
+        body = {"model": "vicuna-serve", "prompt": "Hello", "max_tokens": 1000, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+            assert post(f"{url}/worker_get_status")["queue_length"] == 1
+        prompt = {"prompt": "Once upon a time", "temperature": 0}
+        chunks = stream_chunks(f"{url}/worker_generate_stream",
+                               {**prompt, "model": "vicuna-serve", "max_new_tokens": 8,
+                                "echo": False})
+        openai_answer = httpx.post(f"{url}/v1/completions", json={
+            **prompt, "model": "vicuna-serve", "max_tokens": 8,
+        }, timeout=60).json()
+        assert chunks[-1]["text"] == openai_answer["choices"][0]["text"]
+        assert chunks[-1]["finish_reason"] == openai_answer["choices"][0]["finish_reason"]
+    finally:
+        process.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,8 @@ def worker(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield url
         assert_idle(url)
     finally:
-        process.stop()
+        exit_code = process.stop(signal.SIGINT)
+    assert exit_code == 0, process.log_tail()  # Ctrl-C is a clean stop
 
 
 def assert_idle(url: str) -> None:

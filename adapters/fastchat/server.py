@@ -1,7 +1,5 @@
-"""`pagoda worker`: one engine served as a FastChat model worker, and its flags.
-
-Also the pieces `pagoda serve --fastchat-controller` reuses to put the worker's routes on its own
-app: `registered_serving` runs a uvicorn server and keeps the worker registered while it serves.
+"""`pagoda worker`: one engine served as a FastChat model worker, and its flags; and
+`pagoda serve --fastchat-controller`: the same worker on the OpenAI server's app and engine.
 """
 
 from __future__ import annotations
@@ -9,10 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
+from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.routing import Route
 
 from pagoda.adapters.fastchat.conv_template import resolve_conv_template
 from pagoda.adapters.fastchat.registration import (
@@ -25,8 +25,6 @@ from pagoda.adapters.fastchat.worker_app import worker_routes
 from pagoda.backend import EngineConfig, LLMEngine
 from pagoda.backend.async_engine import AsyncEngine
 from pagoda.backend.demo import DEMO_MODEL_NAME
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CONTROLLER_ADDRESS = "http://localhost:21001"  # FastChat's default
 DEFAULT_WORKER_PORT = 21002  # FastChat's default
@@ -56,6 +54,19 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                        help="answer error 42903 (overloaded) while this many requests wait")
     group.add_argument("--no-register", action="store_true",
                        help="do not register with the controller")
+
+
+def add_serve_worker_args(parser: argparse.ArgumentParser) -> None:
+    """`pagoda serve`'s flags that add the FastChat worker to it."""
+    group = parser.add_argument_group("FastChat worker (optional)")
+    group.add_argument("--fastchat-controller", default=None, metavar="URL",
+                       help="also serve FastChat's worker protocol, registered with this "
+                            "controller, under the --served-model-name names")
+    group.add_argument("--fastchat-worker-address", default=None, metavar="URL",
+                       help="URL the controller reaches this server at (default: http://HOST:PORT)")
+    group.add_argument("--fastchat-conv-template", default=None, metavar="NAME",
+                       help="FastChat conversation template name (default: FastChat's choice "
+                            "for the model path or names)")
 
 
 def default_model_name(model: str | None) -> str:
@@ -96,10 +107,62 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     ))
     try:
-        asyncio.run(registered_serving(server, registration))
+        # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the
+        # normal way to stop (uvicorn.run swallows it the same way).
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(registered_serving(server, registration))
     finally:
         engine.shutdown()
     return 0
+
+
+@dataclass
+class AttachedWorker:
+    """The FastChat worker of `pagoda serve --fastchat-controller`: `routes` go on the OpenAI
+    server's app (outside /v1, so no API key: FastChat's peers send none) and `keep_registered`
+    runs next to that server."""
+
+    controller_address: str
+    worker_address: str
+    model_names: list[str]
+    conv_template: dict[str, Any]
+    max_waiting_requests: int | None
+    heart_beat_interval: float
+    worker: FastChatWorker | None = None
+
+    def routes(self, engine: AsyncEngine) -> list[Route]:
+        self.worker = FastChatWorker(engine, self.model_names, self.conv_template,
+                                     max_waiting_requests=self.max_waiting_requests)
+        return worker_routes(self.worker)
+
+    async def keep_registered(self, server: uvicorn.Server) -> None:
+        assert self.worker is not None, "routes() builds the worker before the server runs"
+        registration = ControllerRegistration(
+            self.controller_address, self.worker_address, self.worker.status,
+            self.heart_beat_interval,
+        )
+        await _register_once_started(server, registration)
+
+
+def attached_worker_from_args(
+    args: argparse.Namespace, config: EngineConfig, host: str, port: int,
+    model_names: list[str], max_waiting_requests: int | None,
+) -> AttachedWorker | None:
+    """The worker `pagoda serve`'s flags ask for, or None; ValueError naming a bad flag."""
+    if args.fastchat_controller is None:
+        if args.fastchat_worker_address or args.fastchat_conv_template:
+            raise ValueError("--fastchat-worker-address and --fastchat-conv-template need "
+                             "--fastchat-controller")
+        return None
+    heart_beat_interval = heart_beat_interval_from_env()
+    controller_address = check_http_url("--fastchat-controller", args.fastchat_controller)
+    worker_address = check_http_url(
+        "--fastchat-worker-address",
+        args.fastchat_worker_address or default_worker_address(host, port),
+    )
+    conv_template = resolve_conv_template(args.fastchat_conv_template, config.model, model_names)
+    return AttachedWorker(controller_address, worker_address, model_names, conv_template,
+                          max_waiting_requests, heart_beat_interval)
 
 
 async def registered_serving(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import uvicorn
 from starlette.routing import BaseRoute
@@ -18,10 +20,14 @@ logger = logging.getLogger(__name__)
 
 # Routes another adapter serves from the same app, built once the engine exists.
 ExtraRoutes = Callable[[AsyncEngine], Sequence[BaseRoute]]
+# Work another adapter runs next to the server (FastChat's controller registration), given the
+# server to see when it listens; cancelled when the server stops.
+Alongside = Callable[[uvicorn.Server], Awaitable[None]]
 
 
 def run_server(
-    engine_config: EngineConfig, settings: ServerSettings, extra_routes: ExtraRoutes | None = None
+    engine_config: EngineConfig, settings: ServerSettings, extra_routes: ExtraRoutes | None = None,
+    alongside: Alongside | None = None,
 ) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM)."""
     engine = AsyncEngine(LLMEngine(engine_config))
@@ -32,10 +38,25 @@ def run_server(
         logger.info(
             "serving %s on http://%s:%d/v1", settings.model_name, settings.host, settings.port
         )
-        uvicorn.run(
+        server = uvicorn.Server(uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
             # The engine is the bottleneck; a slow client must not hold the shutdown forever.
             timeout_graceful_shutdown=5,
-        )
+        ))
+        # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the
+        # normal way to stop (uvicorn.run swallows it the same way).
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(server, alongside))
     finally:
         engine.shutdown()
+
+
+async def _serve(server: uvicorn.Server, alongside: Alongside | None) -> None:
+    task = asyncio.create_task(alongside(server)) if alongside is not None else None
+    try:
+        await server.serve()
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -6,22 +6,19 @@ controller read errors from there and reduce any other status to a code-less fai
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pagoda.adapters.disconnect import ClientDisconnected, unless_disconnected
 from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError, encode_chunk
 from pagoda.adapters.fastchat.worker import FastChatWorker
-
-T = TypeVar("T")
-
 
 class NulDelimitedStream(StreamingResponse):
     """FastChat's stream: JSON chunks each followed by a NUL byte."""
@@ -52,9 +49,10 @@ def worker_routes(worker: FastChatWorker) -> list[Route]:
             body = await _json_body(request)
         except WorkerError as error:
             return JSONResponse(error.chunk())
-        result = await _unless_disconnected(request, worker.generate(body))
-        # None: the client is gone and nobody reads the answer.
-        return JSONResponse(result) if result is not None else Response(status_code=499)
+        try:
+            return JSONResponse(await unless_disconnected(request, worker.generate(body)))
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; the engine request is aborted
 
     async def get_status(request: Request) -> Response:
         return JSONResponse(worker.status())
@@ -112,23 +110,3 @@ async def _single(chunk: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     yield chunk
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None once the client disconnects (then `work` is cancelled, which
-    aborts its engine request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    return task.result() if not task.cancelled() else None
-
-
-async def _disconnect(request: Request) -> None:
-    # The body is read already: the next message the server sends is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -10,22 +10,12 @@ their KV blocks within one engine step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
-
-from starlette.requests import Request
+from collections.abc import AsyncIterator
 
 from pagoda.backend.async_engine import AsyncEngine
 from pagoda.backend.engine import Prompt
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
-
-T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before its answer was ready."""
-
 
 class EngineRequestFailed(Exception):
     """The engine gave up on an accepted request (it cannot fit the KV cache even alone)."""
@@ -118,23 +108,3 @@ def _raise_if_failed(output: RequestOutput) -> None:
         raise EngineRequestFailed(output.error)
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work` unless the client disconnects first; then cancel it and raise
-    ClientDisconnected. For the parts of a request where nothing is being sent, when no write
-    would fail to tell us the client is gone. The request body must already be read."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        raise ClientDisconnected
-    return task.result()
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

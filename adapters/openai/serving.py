@@ -23,12 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pagoda.adapters.openai.errors import OpenAIError, engine_failure, engine_rejection
-from pagoda.adapters.openai.generation import (
-    ClientDisconnected,
-    EngineRequestFailed,
-    PromptStreams,
-    unless_disconnected,
-)
+from pagoda.adapters.disconnect import ClientDisconnected, unless_disconnected
+from pagoda.adapters.openai.generation import EngineRequestFailed, PromptStreams
 from pagoda.adapters.openai.metrics import RequestTracker
 from pagoda.adapters.openai.parsing import read_json
 from pagoda.adapters.openai.protocol import SamplingRequest, UsageInfo

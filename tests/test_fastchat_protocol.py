@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import pytest
@@ -20,7 +21,11 @@ from pagoda.adapters.fastchat.registration import (
     check_http_url,
     heart_beat_interval_from_env,
 )
-from pagoda.adapters.fastchat.server import default_model_name, default_worker_address
+from pagoda.adapters.fastchat.server import (
+    default_model_name,
+    default_worker_address,
+    expand_worker_address,
+)
 from pagoda.backend.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
@@ -133,6 +138,10 @@ def test_worker_settings(monkeypatch):
     assert default_model_name("/models/vicuna-7b-v1.5/") == "vicuna-7b-v1.5"
     assert default_worker_address("0.0.0.0", 21002) == "http://localhost:21002"
     assert default_worker_address("::1", 9) == "http://[::1]:9"
+    # Scaled compose replicas share one command line; each registers its own host name.
+    assert expand_worker_address("http://{hostname}:21002") == (
+        f"http://{socket.gethostname()}:21002"
+    )
     assert check_http_url("x", "http://127.0.0.1:21001/") == "http://127.0.0.1:21001"
     with pytest.raises(ValueError, match="controller"):
         check_http_url("--controller-address", "localhost:21001")

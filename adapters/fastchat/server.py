@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
     group.add_argument("--controller-address", default=DEFAULT_CONTROLLER_ADDRESS)
     group.add_argument("--worker-address", default=None,
-                       help="URL the controller and FastChat's servers reach this worker at "
-                            "(default: http://HOST:PORT)")
+                       help="URL the controller and FastChat's servers reach this worker at; "
+                            "{hostname} stands for this machine's host name, so replicas of one "
+                            "container each register their own (default: http://HOST:PORT)")
     group.add_argument("--model-names", type=_comma_list, default=None,
                        help="comma-separated names to serve the model under (default: the model "
                             f"folder's name, or {DEMO_MODEL_NAME}); FastChat's UIs pick prompt "
@@ -63,7 +65,8 @@ def add_serve_worker_args(parser: argparse.ArgumentParser) -> None:
                        help="also serve FastChat's worker protocol, registered with this "
                             "controller, under the --served-model-name names")
     group.add_argument("--fastchat-worker-address", default=None, metavar="URL",
-                       help="URL the controller reaches this server at (default: http://HOST:PORT)")
+                       help="URL the controller reaches this server at; {hostname} stands for "
+                            "this machine's host name (default: http://HOST:PORT)")
     group.add_argument("--fastchat-conv-template", default=None, metavar="NAME",
                        help="FastChat conversation template name (default: FastChat's choice "
                             "for the model path or names)")
@@ -82,12 +85,19 @@ def default_worker_address(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def expand_worker_address(address: str) -> str:
+    """Fills in `{hostname}`: scaled container replicas share one command line but each must
+    register the address the controller reaches it at (its container host name)."""
+    return address.replace("{hostname}", socket.gethostname())
+
+
 def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
     """Serve until interrupted. Flag errors raise ValueError before the model is loaded."""
     # Before the template lookup: importing fastchat fails on a bad heartbeat variable.
     heart_beat_interval = heart_beat_interval_from_env()
     worker_address = check_http_url(
-        "--worker-address", args.worker_address or default_worker_address(args.host, args.port)
+        "--worker-address",
+        expand_worker_address(args.worker_address or default_worker_address(args.host, args.port)),
     )
     controller_address = check_http_url("--controller-address", args.controller_address)
     model_names = args.model_names or [default_model_name(config.model)]
@@ -158,7 +168,7 @@ def attached_worker_from_args(
     controller_address = check_http_url("--fastchat-controller", args.fastchat_controller)
     worker_address = check_http_url(
         "--fastchat-worker-address",
-        args.fastchat_worker_address or default_worker_address(host, port),
+        expand_worker_address(args.fastchat_worker_address or default_worker_address(host, port)),
     )
     conv_template = resolve_conv_template(args.fastchat_conv_template, config.model, model_names)
     return AttachedWorker(controller_address, worker_address, model_names, conv_template,

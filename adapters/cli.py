@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict, fields
 
@@ -26,13 +27,16 @@ from pagoda.adapters.openai.settings import add_server_args, settings_from_args
 from pagoda.backend import LLM, EngineConfig, SamplingParams
 from pagoda.backend.demo import build_demo_model
 
+MODEL_ENV = "PAGODA_MODEL"
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags for every EngineConfig field, named as vLLM names them."""
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None, help="local folder or hub id (default: demo model)")
+    # $PAGODA_MODEL lets a container image pick its model without a shell in its command line.
+    group.add_argument("--model", default=os.environ.get(MODEL_ENV) or None,
+                       help=f"local folder or hub id (default: ${MODEL_ENV}, else the demo model)")
     group.add_argument("--tokenizer", default=None)
     group.add_argument("--revision", default=None)
     group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")

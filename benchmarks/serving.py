@@ -45,7 +45,7 @@ def run_sweep(base_url: str, model: str, rates: list[float], duration_s: float, 
               vocab_size: int, max_model_len: int, length_scale: float, seed: int) -> list[dict]:
     sweep = []
     for rate_index, rate in enumerate(rates):
-        num_requests = max(1, int(round(rate * duration_s)))
+        num_requests = max(1, round(rate * duration_s))
         requests = sharegpt_like(num_requests, vocab_size, max_model_len, seed + rate_index,
                                  length_scale)
         send = openai_completion_client(base_url, model, [r.prompt_token_ids for r in requests],

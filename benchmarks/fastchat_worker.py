@@ -42,6 +42,7 @@ from pagoda.backend.demo import demo_model_path
 logger = logging.getLogger("fastchat_worker")
 
 WORKER_NAMES = {"fastchat model_worker": "vicuna-fastchat", "pagoda worker": "vicuna-pagoda"}
+COLORS = {"fastchat model_worker": "tab:grey", "pagoda worker": "tab:blue"}
 
 
 def text_prompts(model_dir: Path, num_prompts: int, length_scale: float, seed: int) -> list[str]:
@@ -57,6 +58,10 @@ def text_prompts(model_dir: Path, num_prompts: int, length_scale: float, seed: i
 
 def closed_loop_rounds(controller_url: str, prompts: list[str], args: argparse.Namespace) -> dict:
     rounds: dict[str, list[dict]] = {name: [] for name in WORKER_NAMES}
+    for system, model_name in WORKER_NAMES.items():  # warm-up, untimed: first forwards are slow
+        send = fastchat_worker_client(controller_url, model_name, prompts, args.max_new_tokens)
+        asyncio.run(closed_loop(send, args.warmup_requests, args.warmup_requests,
+                                f"{system} warm-up"))
     for round_index in range(args.rounds):
         for system, model_name in WORKER_NAMES.items():
             send = fastchat_worker_client(controller_url, model_name, prompts,
@@ -121,7 +126,7 @@ def plot(result: dict, path: Path) -> None:
     panels = 3 if result.get("poisson") else 2
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     axes[0].bar(systems, [closed[s]["median_requests_per_s"] for s in systems],
-                color=["tab:grey", "tab:blue"])
+                color=[COLORS[s] for s in systems])
     axes[0].set_title(f"requests/s at concurrency {result['concurrency']} (median of rounds)")
     width = 0.35
     positions = np.arange(2)
@@ -137,7 +142,7 @@ def plot(result: dict, path: Path) -> None:
         for system in systems:
             sweep = result["poisson"][system]["sweep"]
             axes[2].plot([p["rate"] for p in sweep], [p["ttft_s"]["p99"] for p in sweep], "o-",
-                         label=system)
+                         label=system, color=COLORS[system])
         axes[2].axhline(result["ttft_threshold_s"], color="grey", linestyle=":",
                         label="threshold")
         axes[2].set_xscale("log", base=2)
@@ -165,6 +170,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=128, help="requests per round")
     parser.add_argument("--rounds", type=int, default=2, help="closed-loop rounds per worker")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--warmup-requests", type=int, default=8,
+                        help="untimed requests per worker before the closed-loop rounds")
     parser.add_argument("--length-scale", type=float, default=0.25,
                         help="prompt lengths: ShareGPT's mean (161 tokens) times this")
     parser.add_argument("--no-poisson", action="store_true", help="skip the Poisson sweeps")
@@ -186,12 +193,14 @@ def main() -> None:
             contextlib.ExitStack() as stack:
         controller, controller_url = start_controller(fastchat_python, Path(workdir))
         stack.callback(controller.stop)
+        workers = {}
         for kind, system in (("fastchat", "fastchat model_worker"), ("pagoda", "pagoda worker")):
-            worker = start_worker(kind, fastchat_python, Path(workdir), model_dir,
-                                  WORKER_NAMES[system], controller_url)
-            stack.callback(worker.stop)
+            workers[system] = start_worker(kind, fastchat_python, Path(workdir), model_dir,
+                                           WORKER_NAMES[system], controller_url)
+            stack.callback(workers[system].stop)
         closed = closed_loop_rounds(controller_url, prompts[:args.num_requests], args)
         sweeps = None if args.no_poisson else poisson_sweeps(controller_url, prompts, args)
+        peak_rss_mib = {system: worker.peak_rss_mib() for system, worker in workers.items()}
 
     result = {
         "benchmark": "FastChat controller: pagoda worker vs fastchat.serve.model_worker",
@@ -202,6 +211,7 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "ttft_threshold_s": args.ttft_threshold_s,
         "closed_loop": closed,
+        "peak_rss_mib": peak_rss_mib,
         "poisson": sweeps,
         "settings": vars(args),
     }

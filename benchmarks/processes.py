@@ -89,6 +89,14 @@ class ManagedProcess:
             self.process.kill()
             self.process.wait(STOP_TIMEOUT)
 
+    def peak_rss_mib(self) -> float | None:
+        """The process's peak resident memory (VmHWM), while it runs; None off Linux."""
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return None
+
     def log_tail(self, num_chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-num_chars:]
 

@@ -125,6 +125,7 @@ def main() -> None:
         try:
             sweep = run_sweep(url, "bench", rates, args.duration_s, args.drain_s,
                               hf_config.vocab_size, max_model_len, args.length_scale, args.seed)
+            peak_rss_mib = server.peak_rss_mib()
         finally:
             server.stop()
 
@@ -139,6 +140,7 @@ def main() -> None:
         "ttft_threshold_s": args.ttft_threshold_s,
         "systems": {"pagoda serve": {
             "sweep": sweep,
+            "peak_rss_mib": peak_rss_mib,
             "sustainable_rate": sustainable_rate(sweep, args.ttft_threshold_s)}},
         "settings": vars(args),
     }

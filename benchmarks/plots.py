@@ -83,12 +83,12 @@ def plot_sharing(result: dict, path: Path) -> None:
 def plot_file(path: Path) -> Path:
     result = json.loads(path.read_text())
     target = path.with_suffix(".png")
-    if path.name.startswith("throughput"):
+    if result.get("benchmark", "").startswith("offline throughput"):
         plot_throughput(result, target)
-    elif path.name.startswith("sharing"):
+    elif result.get("benchmark") == "prefix sharing":
         plot_sharing(result, target)
     else:
-        raise ValueError(f"{path}: not a throughput-*.json or sharing-*.json result")
+        raise ValueError(f"{path}: not a result of throughput.py or sharing.py")
     return target
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS_DIR, machine_description, sharegpt_like
+from plots import plot_file
 
 from pagoda.backend import LLM, LLMEngine, SamplingParams
 from pagoda.backend.config import EngineConfig
@@ -160,7 +161,7 @@ def main() -> None:
     output = Path(args.output) if args.output else RESULTS_DIR / "sharing-cpu.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
-    print(f"wrote {output}")
+    print(f"wrote {output} and {plot_file(output)}")
 
 
 if __name__ == "__main__":

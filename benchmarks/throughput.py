@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import RESULTS_DIR, Request, machine_description, sharegpt_like
+from plots import plot_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -169,7 +170,7 @@ def main() -> None:
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("pagoda", *peer_results, "kv_waste_at_peak")},
                      indent=2))
-    print(f"wrote {output}")
+    print(f"wrote {output} and {plot_file(output)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
-from pagoda.backend.model_runner import ModelRunner
+from pagoda.backend.model_runner import ModelRunner, StepResult
 from pagoda.backend.models import build_model
 from pagoda.backend.models.llama import LlamaForCausalLM
 from pagoda.backend.models.loader import (
@@ -39,7 +39,7 @@ from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
 from pagoda.backend.sampler import Sampler
 from pagoda.backend.sampling_params import SamplingParams
-from pagoda.backend.scheduler import Scheduler
+from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, SequenceGroup] = {}
         self._seq_ids = itertools.count()
+        # Test hook: called with each scheduled request before every forward; whatever it raises
+        # is a failure of the model on that request (see _isolate_failure). None in production,
+        # so it costs one attribute check per step.
+        self.fault_injector: Callable[[SequenceGroup], None] | None = None
 
     def _model_path(self) -> Path:
         if self.config.model is None:
@@ -246,8 +250,58 @@ class LLMEngine:
         """Run one scheduled batch. Returns an output for every request that produced a token,
         finished or failed in this step (beam search requests: only when finished)."""
         plan = self.scheduler.schedule()
+        try:
+            result = self._execute(plan)
+        except Exception as error:  # noqa: BLE001  (any model failure: find whose it is)
+            return self._isolate_failure(plan, error)
+        return self._process(plan, result)
+
+    def _execute(self, plan: SchedulerOutput) -> StepResult:
+        if self.fault_injector is not None:
+            for item in plan.scheduled:
+                self.fault_injector(item.group)
+        return self.runner.execute(plan.scheduled, plan.block_copies)
+
+    def _isolate_failure(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """A step raised: fail only the request(s) it fails on, and let the others go on.
+
+        The failed step may have written part of the KV cache and used up its block copies, so
+        every request in it is recomputed from its tokens (as after a preemption); each then runs
+        one step alone, and those that raise alone fail with their error."""
+        groups = list({id(item.group): item.group for item in plan.scheduled}.values())
+        logger.exception("a step of %d requests failed; retrying them one by one", len(groups),
+                         exc_info=error)
+        self.scheduler.requeue(groups)
+        outputs = self._process(SchedulerOutput(failed=plan.failed), StepResult())
+        if len(groups) == 1:
+            self._fail_in_model(groups[0], error)
+            return [*outputs, groups[0].to_output()]
+        for group in groups:
+            alone = self.scheduler.schedule_alone(group)
+            if not alone.scheduled:  # no room beside the others now: it runs when there is
+                outputs.extend(self._process(alone, StepResult()))
+                continue
+            try:
+                result = self._execute(alone)
+            except Exception as group_error:  # noqa: BLE001
+                # Its blocks may have been written by the failed attempt: never reuse them.
+                self.scheduler.requeue([group])
+                self._fail_in_model(group, group_error)
+                outputs.append(group.to_output())
+                continue
+            outputs.extend(self._process(alone, result))
+        return outputs
+
+    def _fail_in_model(self, group: SequenceGroup, error: Exception) -> None:
+        logger.error("request %s failed inside the model: %r", group.request_id, error)
+        self.scheduler.finish(group)
+        group.fail(f"the model failed on this request: {type(error).__name__}: {error}",
+                   internal=True)
+        group.metrics.finished_time = time.monotonic()
+        self.requests.pop(group.request_id, None)
+
+    def _process(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         touched: dict[str, SequenceGroup] = {group.request_id: group for group in plan.failed}
-        result = self.runner.execute(plan.scheduled, plan.block_copies)
         now = time.monotonic()
         beam_rows: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
         for index, item in enumerate(plan.scheduled):

@@ -52,3 +52,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # why the engine failed this request, when it did
+    # The model raised while computing this request (a server fault), as opposed to a request
+    # the engine cannot serve (too large for the KV cache).
+    internal_error: bool = False

@@ -162,7 +162,7 @@ class Scheduler:
             headroom = self._watermark_blocks if self.running else 0
             if not plan or needed > free - headroom:
                 self._release(group)
-                if not self.running and needed > free:
+                if not self.blocks.block_tables and needed > free:
                     # Nothing else holds blocks, so waiting cannot help.
                     self.waiting.popleft()
                     self._fail(group, output, self._too_large_message(group))
@@ -179,6 +179,32 @@ class Scheduler:
             output.scheduled.extend(plan)
             budget -= sum(item.num_new_tokens for item in plan)
             num_seqs += len(seqs)
+
+    def requeue(self, groups: list[SequenceGroup]) -> None:
+        """Send `groups` back to the front of the queue, in order, to be recomputed from their
+        tokens (as after a preemption, without counting one)."""
+        for group in reversed(groups):
+            if group in self.running:
+                self.running.remove(group)
+            elif group in self.waiting:
+                self.waiting.remove(group)
+            self._release(group)
+            group.status = GroupStatus.WAITING
+            self.waiting.appendleft(group)
+
+    def schedule_alone(self, group: SequenceGroup) -> SchedulerOutput:
+        """A step for the waiting `group` only; the other groups keep their places (and their
+        blocks). Used to find which request a failing step failed on. The group may stay waiting
+        (an empty plan) when the blocks held by others leave it no room."""
+        running, waiting = self.running, self.waiting
+        waiting.remove(group)
+        self.running, self.waiting = [], deque([group])
+        try:
+            return self.schedule()
+        finally:
+            running.extend(self.running)
+            waiting.extendleft(self.waiting)
+            self.running, self.waiting = running, waiting
 
     def _preempt(self, group: SequenceGroup, output: SchedulerOutput) -> None:
         self.running.remove(group)

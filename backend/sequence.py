@@ -71,6 +71,7 @@ class SequenceGroup:
     metrics: RequestMetrics
     status: GroupStatus = GroupStatus.WAITING
     error: str | None = None
+    internal_error: bool = False  # see RequestOutput.internal_error
     want_logprobs: bool = False
     beam: BeamSearchState | None = None
     beam_results: list[CompletionOutput] | None = None  # the best hypotheses, once finished
@@ -92,8 +93,9 @@ class SequenceGroup:
         """Several samples that have not drawn a token yet: one prefill serves them all."""
         return len(self.seqs) > 1 and all(seq.num_output_tokens == 0 for seq in self.seqs)
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, internal: bool = False) -> None:
         self.error = error
+        self.internal_error = internal
         for seq in self.live_seqs:
             seq.finish("error")
 
@@ -121,6 +123,7 @@ class SequenceGroup:
             finished=finished,
             metrics=self.metrics,
             error=self.error,
+            internal_error=self.internal_error,
         )
 
     def _completion(self, seq: Sequence) -> CompletionOutput:

@@ -213,9 +213,11 @@ def test_api_key_required(openai_server):
     wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
     assert_error(wrong, 401, code="invalid_api_key")
     assert_error(httpx.post(f"{url}/tokenize", json={"prompt": "x"}), 401, code="invalid_api_key")
-    # Probes and scrapers need no key.
-    for path in ("/health", "/version", "/metrics"):
-        assert httpx.get(f"{url}{path}").status_code == 200
+    # Every endpoint but the liveness probe needs it, unknown paths included.
+    for path in ("/version", "/metrics", "/v1/models", "/no-such-path"):
+        assert_error(httpx.get(f"{url}{path}"), 401, code="invalid_api_key")
+        assert httpx.get(f"{url}{path}", headers=openai_server.headers).status_code != 401
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_unknown_model_is_404(http):

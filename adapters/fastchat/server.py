@@ -13,16 +13,24 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pagoda.adapters.draining import (
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    Drain,
+    DrainingServer,
+    DrainMiddleware,
+)
 from pagoda.adapters.fastchat.conv_template import resolve_conv_template
 from pagoda.adapters.fastchat.registration import (
     ControllerRegistration,
     check_http_url,
     heart_beat_interval_from_env,
 )
+from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError
 from pagoda.adapters.fastchat.worker import DEFAULT_LIMIT_WORKER_CONCURRENCY, FastChatWorker
-from pagoda.adapters.fastchat.worker_app import worker_routes
+from pagoda.adapters.fastchat.worker_app import DEFAULT_MAX_REQUEST_BYTES, worker_routes
 from pagoda.backend import EngineConfig, LLMEngine
 from pagoda.backend.async_engine import AsyncEngine
 from pagoda.backend.demo import DEMO_MODEL_NAME
@@ -30,7 +38,6 @@ from pagoda.backend.demo import DEMO_MODEL_NAME
 DEFAULT_CONTROLLER_ADDRESS = "http://localhost:21001"  # FastChat's default
 DEFAULT_WORKER_PORT = 21002  # FastChat's default
 STARTED_POLL_SECONDS = 0.05
-GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +61,11 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                        help="requests served at once; more wait for a slot")
     group.add_argument("--max-waiting-requests", type=int, default=None,
                        help="answer error 42903 (overloaded) while this many requests wait")
+    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="largest accepted request body (error 40001 above it)")
+    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                       help="after SIGTERM: refuse new requests (503) and give those in flight "
+                            "this many seconds to finish, then exit")
     group.add_argument("--no-register", action="store_true",
                        help="do not register with the controller")
 
@@ -110,12 +122,11 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
     registration = None if args.no_register else ControllerRegistration(
         controller_address, worker_address, worker.status, heart_beat_interval
     )
-    app = Starlette(routes=worker_routes(worker))
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="info",
-        # A stream left running when the worker stops is aborted after this long.
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-    ))
+    drain = Drain()
+    routes = worker_routes(worker, args.max_request_bytes)
+    app = DrainMiddleware(Starlette(routes=routes), drain, _shutting_down)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"),
+                            drain, args.shutdown_timeout)
     try:
         # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the
         # normal way to stop (uvicorn.run swallows it the same way).
@@ -197,6 +208,12 @@ async def _register_once_started(
     while not server.started:
         await asyncio.sleep(STARTED_POLL_SECONDS)
     await registration.run()
+
+
+def _shutting_down() -> Response:
+    # HTTP 503 for load balancers, FastChat's body for its peers (which read error_code).
+    error = WorkerError(ErrorCode.ENGINE_OVERLOADED, "this worker is shutting down; retry later")
+    return JSONResponse(error.chunk(), 503)
 
 
 def _comma_list(value: str) -> list[str]:

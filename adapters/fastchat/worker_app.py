@@ -36,7 +36,16 @@ class NulDelimitedStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def worker_routes(worker: FastChatWorker) -> list[Route]:
+# The OpenAI server's default body limit; FastChat's own requests are a few KiB.
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
+
+
+def worker_routes(
+    worker: FastChatWorker, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> list[Route]:
+    async def _json_body(request: Request) -> Any:
+        return await _read_json_body(request, max_request_bytes)
+
     async def generate_stream(request: Request) -> Response:
         try:
             body = await _json_body(request)
@@ -93,11 +102,21 @@ def worker_routes(worker: FastChatWorker) -> list[Route]:
     return [Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()]
 
 
-async def _json_body(request: Request) -> Any:
+async def _read_json_body(request: Request, max_bytes: int) -> Any:
+    """The body as JSON; error 40001 for one that is not, or that grows past max_bytes (read no
+    further, so an endless body is never buffered)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR,
+                              f"the request body exceeds the limit of {max_bytes} bytes")
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, f"body is not JSON: {error}") from None
+    except RecursionError:
+        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, "body is nested too deeply") from None
 
 
 async def _encoded(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

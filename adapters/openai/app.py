@@ -2,7 +2,8 @@
 
 `create_app` takes a started AsyncEngine and returns the app; it neither starts nor stops the
 engine, so another adapter can serve its own routes from the same app and engine: pass them as
-`extra_routes` (they are not behind the API key unless they live under /v1).
+`extra_routes`. With an API key, every path but /health needs it, except `extra_routes` (the
+FastChat worker's: FastChat's controller and API server send no key).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from pagoda.adapters.openai.settings import ServerSettings
 from pagoda.adapters.openai.state import ServerState
 from pagoda.backend.async_engine import AsyncEngine
 
-# Paths outside /v1 that still need the key: they run the model's tokenizer on client input.
-_PROTECTED_PATHS = ("/tokenize", "/detokenize")
+# Open even with an API key: liveness probes carry no credentials.
+_OPEN_PATHS = ("/health",)
 
 
 def create_app(
@@ -83,7 +84,10 @@ def create_app(
     ]
     middleware = []
     if settings.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=settings.api_key))
+        open_paths = {*_OPEN_PATHS, *(r.path for r in extra_routes if isinstance(r, Route))}
+        middleware.append(
+            Middleware(ApiKeyMiddleware, api_key=settings.api_key, open_paths=open_paths)
+        )
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -98,18 +102,17 @@ def create_app(
 
 
 class ApiKeyMiddleware:
-    """401 for /v1 (and tokenizer) requests without `Authorization: Bearer <key>`. Health,
-    version and metrics stay open for probes and scrapers."""
+    """401 for requests without `Authorization: Bearer <key>`, on every path but `open_paths`
+    (unknown paths too, so a scan learns nothing without the key). /metrics and /version need
+    it as well: a scraper sends it as a bearer token."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: set[str]) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not (
-            path.startswith("/v1/") or path == "/v1" or path in _PROTECTED_PATHS
-        ):
+        if scope["type"] != "http" or scope.get("path", "") in self.open_paths:
             await self.app(scope, receive, send)
             return
         provided = Headers(scope=scope).get("authorization", "").encode()

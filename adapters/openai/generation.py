@@ -18,7 +18,12 @@ from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
 
 class EngineRequestFailed(Exception):
-    """The engine gave up on an accepted request (it cannot fit the KV cache even alone)."""
+    """The engine gave up on an accepted request: it cannot fit the KV cache even alone, or
+    (`internal`) the model raised while computing it."""
+
+    def __init__(self, message: str, internal: bool) -> None:
+        super().__init__(message)
+        self.internal = internal
 
 
 class PromptStreams:
@@ -105,6 +110,6 @@ class PromptStreams:
 
 def _raise_if_failed(output: RequestOutput) -> None:
     if output.error is not None:
-        raise EngineRequestFailed(output.error)
+        raise EngineRequestFailed(output.error, output.internal_error)
 
 

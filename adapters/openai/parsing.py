@@ -28,6 +28,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise invalid_param(f"the request body is not valid JSON: {error}", None) from None
+    except RecursionError:  # e.g. [[[[...]]]] nested deeper than the parser's recursion limit
+        raise invalid_param("the request body is nested too deeply", None) from None
 
 
 def parse_body(model: type[ModelT], body: Any) -> ModelT:

@@ -183,8 +183,10 @@ async def _remember(outputs: Outputs, finals: dict[int, RequestOutput]) -> Outpu
 
 
 def _request_failed(error: EngineRequestFailed) -> OpenAIError:
-    # The engine fails a request only when it cannot fit the KV cache even alone: its size (n,
-    # best_of, max_tokens) is the problem, not the server's load.
+    if error.internal:  # the model raised on this request: the server's fault
+        return engine_failure(str(error))
+    # Otherwise it cannot fit the KV cache even alone: its size (n, best_of, max_tokens) is the
+    # problem, not the server's load.
     return OpenAIError(400, str(error), code="kv_cache_capacity_exceeded")
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagoda.adapters.draining import DEFAULT_SHUTDOWN_TIMEOUT
 from pagoda.backend.demo import DEMO_MODEL_NAME
 
 API_KEY_ENV = "PAGODA_API_KEY"
@@ -35,6 +36,8 @@ class ServerSettings:
     # Comment lines that keep idle SSE connections open through proxies (0 disables them).
     sse_ping_seconds: float = 15.0
     uvicorn_log_level: str = "info"
+    # Seconds requests in flight get to finish after SIGTERM.
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -48,6 +51,8 @@ class ServerSettings:
         for name in ("max_request_bytes", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.sse_ping_seconds < 0:
             raise ValueError(f"sse_ping_seconds must be >= 0, got {self.sse_ping_seconds}")
 
@@ -75,6 +80,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-force-include-usage", action="store_true",
                        help="end every stream with a usage chunk, as if include_usage were set")
     group.add_argument("--sse-ping-seconds", type=float, default=15.0)
+    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                       help="after SIGTERM: refuse new requests (503) and give those in flight "
+                            "this many seconds to finish, then exit")
     group.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -100,4 +108,5 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         enable_force_include_usage=args.enable_force_include_usage,
         sse_ping_seconds=args.sse_ping_seconds,
         uvicorn_log_level=args.uvicorn_log_level,
+        shutdown_timeout=args.shutdown_timeout,
     )

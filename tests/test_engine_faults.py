@@ -1,0 +1,99 @@
+"""Faults inside the model fail only the request they happen on.
+
+The engine's `fault_injector` hook raises for chosen requests; every other request must finish
+with exactly the output it has without the fault, and no KV block may be left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from pagoda.backend import LLM, LLMEngine, SamplingParams
+from pagoda.backend.sequence import SequenceGroup
+
+PROMPTS = {
+    "a": "The quick brown fox",
+    "b": "Once upon a time",
+    "c": "def fibonacci(n):",
+    "d": "Paged attention keeps",
+}
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(demo_model_dir) -> LLM:
+    return LLM(str(demo_model_dir), num_kv_blocks=64, max_num_batched_tokens=64)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(llm):
+    yield
+    llm.engine.fault_injector = None
+    llm.engine.check_no_leaks()
+
+
+def run(engine: LLMEngine, params: dict[str, SamplingParams] | None = None) -> dict[str, object]:
+    for request_id, prompt in PROMPTS.items():
+        engine.add_request(request_id, prompt, (params or {}).get(request_id, GREEDY))
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    return finals
+
+
+def fail_when(condition: Callable[[SequenceGroup], bool]) -> Callable[[SequenceGroup], None]:
+    def inject(group: SequenceGroup) -> None:
+        if condition(group):
+            raise RuntimeError(f"injected fault for {group.request_id}")
+
+    return inject
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_fault_fails_only_its_request(llm, when):
+    engine = llm.engine
+    expected = {rid: out.outputs[0].text for rid, out in run(engine).items()}
+
+    def culprit(group: SequenceGroup) -> bool:
+        if group.request_id != "c":
+            return False
+        # A decode fault strikes once the request has tokens: mid-generation, batched with others.
+        return when == "prefill" or group.seqs[0].num_output_tokens >= 3
+
+    engine.fault_injector = fail_when(culprit)
+    finals = run(engine)
+    assert finals["c"].error and "injected fault for c" in finals["c"].error
+    assert finals["c"].internal_error
+    assert finals["c"].outputs[0].finish_reason == "error"
+    for request_id in "abd":
+        assert finals[request_id].error is None
+        assert finals[request_id].outputs[0].text == expected[request_id]
+
+
+def test_a_fault_in_a_parallel_sampling_or_beam_request(llm):
+    engine = llm.engine
+    params = {
+        "a": SamplingParams(n=3, temperature=0.8, seed=5, max_tokens=8),
+        "b": SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=8),
+    }
+    expected = run(engine, params)
+    engine.fault_injector = fail_when(lambda group: group.request_id == "b")
+    finals = run(engine, params)
+    assert finals["b"].internal_error
+    for request_id in "acd":
+        assert [c.text for c in finals[request_id].outputs] == [
+            c.text for c in expected[request_id].outputs
+        ]
+
+
+def test_every_request_failing_leaves_the_engine_usable(llm):
+    engine = llm.engine
+    engine.fault_injector = fail_when(lambda group: True)
+    finals = run(engine)
+    assert all(output.internal_error for output in finals.values())
+    engine.fault_injector = None
+    assert all(output.error is None for output in run(engine).values())

@@ -5,6 +5,8 @@
     pagoda demo-model --output DIR                       write the built-in demo model to DIR
     pagoda serve [server flags] [engine flags]           serve the OpenAI-compatible HTTP API
     pagoda worker [worker flags] [engine flags]          serve as a FastChat model worker
+    pagoda bench KIND [flags]                            run benchmarks/KIND.py from a checkout
+                                                         (throughput, serving, sharing, fastchat-worker, plots)
 
 Engine flags follow vLLM's names (--dtype, --device, --block-size, --num-kv-blocks, ...).
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from dataclasses import asdict, fields
+from pathlib import Path
 
 from pagoda.adapters.fastchat.server import (
     add_serve_worker_args,
@@ -28,6 +32,10 @@ from pagoda.backend import LLM, EngineConfig, SamplingParams
 from pagoda.backend.demo import build_demo_model
 
 MODEL_ENV = "PAGODA_MODEL"
+# The benchmark scripts live in the repository, not in the installed package.
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = {"throughput": "throughput.py", "serving": "serving.py", "sharing": "sharing.py",
+              "fastchat-worker": "fastchat_worker.py", "plots": "plots.py"}
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
 
 
@@ -101,7 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="serve the model as a FastChat model worker")
     add_worker_args(worker)
     add_engine_args(worker)
+
+    bench = commands.add_parser("bench", help="run a benchmark script of benchmarks/",
+                                description="Runs benchmarks/KIND.py with the flags that follow "
+                                            "(see `pagoda bench KIND --help`).")
+    bench.add_argument("kind", choices=sorted(BENCHMARKS))
+    bench.add_argument("flags", nargs=argparse.REMAINDER, help="flags of the script")
     return parser
+
+
+def run_benchmark(kind: str, flags: list[str]) -> int:
+    script = BENCHMARKS_DIR / BENCHMARKS[kind]
+    if not script.exists():
+        raise SystemExit(f"pagoda bench: {script} not found; the benchmarks run from a checkout "
+                         "of the repository (pip install -e '.[bench]')")
+    return subprocess.run([sys.executable, str(script), *flags], check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-model":
         print(build_demo_model(args.output))
         return 0
+    if args.command == "bench":
+        return run_benchmark(args.kind, args.flags)
     if args.command == "serve":
         return serve_from_args(parser, args)
     if args.command == "worker":

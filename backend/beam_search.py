@@ -171,6 +171,13 @@ def advance_beams(
     for index, beam in enumerate(beams):
         if index not in continuing:
             blocks.free(beam)
+    computed = {id(beam) for beam in beams}
+    for seq in group.live_seqs:
+        # NOTE: a beam still recomputing after a preemption (its chunk did not fit this step's
+        # budget) has no row: it is dropped like a beam that does not continue, and its blocks
+        # must be freed with it.
+        if id(seq) not in computed and seq.num_output_tokens:
+            blocks.free(seq)
     # Samples that rode on the shared prompt prefill hold no blocks and are simply dropped.
     group.seqs = [child for child, _ in children]
 

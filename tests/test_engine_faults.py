@@ -97,3 +97,31 @@ def test_every_request_failing_leaves_the_engine_usable(llm):
     assert all(output.internal_error for output in finals.values())
     engine.fault_injector = None
     assert all(output.error is None for output in run(engine).values())
+
+
+def test_kv_exhaustion_preempts_beams_and_samples_without_leaking(demo_model_dir):
+    """A pool and a token budget so small that beam search and parallel-sampling requests are
+    preempted and recomputed in chunks the budget splits between their beams: all finish, and
+    every block comes back (a beam still recomputing when its siblings sampled used to leak)."""
+    from pagoda.backend import EngineConfig
+
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), dtype="float32", device="cpu",
+                                    num_kv_blocks=24, max_num_batched_tokens=24,
+                                    max_model_len=256))
+    words = "paged attention keeps every block of the cache busy".split()
+    for index in range(8):
+        prompt = " ".join(words[: 3 + index % 6] * 2)
+        params = (SamplingParams(n=3, use_beam_search=True, temperature=0, max_tokens=10,
+                                 ignore_eos=True) if index % 2 else
+                  SamplingParams(n=3, temperature=0.8, seed=index, max_tokens=10,
+                                 ignore_eos=True))
+        engine.add_request(str(index), prompt, params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    assert engine.scheduler.num_preemptions > 0
+    assert all(output.error is None for output in finals.values())
+    assert all(len(output.outputs) == 3 for output in finals.values())
+    engine.check_no_leaks()

@@ -125,3 +125,35 @@ def test_kv_exhaustion_preempts_beams_and_samples_without_leaking(demo_model_dir
     assert all(output.error is None for output in finals.values())
     assert all(len(output.outputs) == 3 for output in finals.values())
     engine.check_no_leaks()
+
+
+def test_a_fault_through_the_openai_server(openai_server):
+    """The faulty requests get 500 engine_error (a stream too: the fault strikes at its prefill,
+    before its first event); the requests beside them get their answers."""
+    import asyncio
+
+    import httpx
+
+    engine = openai_server.engine.engine
+    engine.fault_injector = fail_when(lambda group: "FAULT" in (group.prompt or ""))
+    body = {"model": openai_server.model, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=openai_server.v1, headers=openai_server.headers,
+                                     timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post("/completions", json={**body, "prompt": prompt, "stream": stream})
+                for prompt, stream in (("Hello there", False), ("FAULT here", False),
+                                       ("FAULT streamed", True), ("Once upon", True))
+            ))
+
+    try:
+        fine, faulty, faulty_stream, fine_stream = asyncio.run(send_all())
+    finally:
+        engine.fault_injector = None
+    assert fine.status_code == 200 and fine.json()["choices"][0]["finish_reason"] == "length"
+    assert faulty.status_code == 500
+    assert faulty.json()["error"]["code"] == "engine_error"
+    assert faulty_stream.status_code == 500
+    assert faulty_stream.json()["error"]["code"] == "engine_error"
+    assert fine_stream.status_code == 200 and '"finish_reason":"length"' in fine_stream.text

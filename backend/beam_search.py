@@ -141,6 +141,9 @@ def advance_beams(
     state = group.beam
     assert state is not None
     beams = [seq for seq, _ in rows]
+    # NOTE: the scheduler gives every beam its next-token row in the same step (see
+    # Scheduler._plan_beam_recompute); only the shared prompt prefill has a single row.
+    assert len(beams) == len(group.live_seqs) or group.shares_prompt_prefill
     decision = state.step(
         torch.stack([row for _, row in rows]),
         [beam.cumulative_logprob for beam in beams],
@@ -171,13 +174,6 @@ def advance_beams(
     for index, beam in enumerate(beams):
         if index not in continuing:
             blocks.free(beam)
-    computed = {id(beam) for beam in beams}
-    for seq in group.live_seqs:
-        # NOTE: a beam still recomputing after a preemption (its chunk did not fit this step's
-        # budget) has no row: it is dropped like a beam that does not continue, and its blocks
-        # must be freed with it.
-        if id(seq) not in computed and seq.num_output_tokens:
-            blocks.free(seq)
     # Samples that rode on the shared prompt prefill hold no blocks and are simply dropped.
     group.seqs = [child for child, _ in children]
 

@@ -107,6 +107,8 @@ class Scheduler:
             num_new = min(lead.num_uncomputed_tokens, budget)
             done = lead.num_computed_tokens + num_new == len(lead.token_ids)
             return [ScheduledSequence(lead, group, num_new, done, followers=seqs[1:])]
+        if group.beam is not None and any(seq.num_uncomputed_tokens > 1 for seq in seqs):
+            return self._plan_beam_recompute(group, seqs, budget)
         plan = []
         for index, seq in enumerate(seqs):
             # NOTE: keep one token of budget for each sequence after this one.
@@ -116,6 +118,21 @@ class Scheduler:
                 return []
             done = seq.num_computed_tokens + num_new == len(seq.token_ids)
             plan.append(ScheduledSequence(seq, group, num_new, samples_next_token=done))
+            budget -= num_new
+        return plan
+
+    def _plan_beam_recompute(
+        self, group: SequenceGroup, seqs: list[Sequence], budget: int
+    ) -> list[ScheduledSequence]:
+        """Beams recomputed after a preemption are fed all but their last token first, in
+        chunks; only once every beam is there do they take their last token together. A beam
+        step ranks all beams at once, so their next-token rows must come from the same step."""
+        plan = []
+        for seq in seqs:
+            num_new = min(seq.num_uncomputed_tokens - 1, budget)
+            if num_new <= 0:
+                continue
+            plan.append(ScheduledSequence(seq, group, num_new, samples_next_token=False))
             budget -= num_new
         return plan
 

@@ -163,3 +163,24 @@ def test_group_preempted_and_resumed_gives_identical_samples(demo_model_dir):
     assert tight.engine.scheduler.num_preemptions > 0
     assert [c.token_ids for c in outputs[1].outputs] == reference
     tight.engine.check_no_leaks()
+
+
+def test_beam_search_preempted_and_recomputed_in_chunks_gives_identical_beams(demo_model_dir):
+    params = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0, max_tokens=24,
+                            ignore_eos=True)
+    prompt = random_prompt(20, 12)
+    roomy = LLM(str(demo_model_dir), num_kv_blocks=64)
+    reference = [(c.token_ids, c.score)
+                 for c in roomy.generate(prompt, params, use_tqdm=False)[0].outputs]
+    # The beam request arrives last, so it is the one preempted (after 20+ beam steps); the
+    # 16-token budget then splits its beams' recompute over several steps.
+    tight = LLM(str(demo_model_dir), num_kv_blocks=12, max_num_batched_tokens=16)
+    others = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    outputs = tight.generate([random_prompt(20, 13), random_prompt(25, 14), prompt],
+                             [others, others, params], use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    beams = outputs[2].outputs
+    assert [c.token_ids for c in beams] == [tokens for tokens, _ in reference]
+    # Recomputed in other chunks, the same sums differ only by float rounding.
+    assert [c.score for c in beams] == pytest.approx([score for _, score in reference], abs=1e-4)
+    tight.engine.check_no_leaks()

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.triton.kv_tile import load_kv_tile
 from pagoda.kernels.triton.launch import dot_dtype, require_same_layout, require_unit_stride
 
 DEFAULT_PARTITION_SIZE = 512
@@ -63,16 +64,10 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         keys_pos = tile_start + tl.arange(0, BLOCK_N)
         key_mask = keys_pos < end
-        blocks = tl.load(table + keys_pos // block_size, mask=key_mask, other=0).to(tl.int64)
-        slots = (
-            blocks * stride_cache_block
-            + (keys_pos % block_size) * stride_cache_slot
-            + kv_head * stride_cache_head
+        keys, values = load_kv_tile(
+            key_cache_ptr, value_cache_ptr, table, keys_pos, key_mask, dims, kv_head, block_size,
+            stride_cache_block, stride_cache_slot, stride_cache_head, HEAD_DIM,
         )
-        load_mask = key_mask[:, None] & (dims < HEAD_DIM)[None, :]
-        offsets = slots[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_DIM]
-        keys = tl.load(key_cache_ptr + offsets, mask=load_mask, other=0.0).to(tl.float32)
-        values = tl.load(value_cache_ptr + offsets, mask=load_mask, other=0.0).to(tl.float32)
 
         scores = tl.dot(query, tl.trans(keys).to(DOT_DTYPE), input_precision="ieee") * scale
         scores = tl.where(key_mask[None, :], scores, float("-inf"))

@@ -35,7 +35,7 @@ MODEL_ENV = "PAGODA_MODEL"
 # The benchmark scripts live in the repository, not in the installed package.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARKS = {"throughput": "throughput.py", "serving": "serving.py", "sharing": "sharing.py",
-              "fastchat-worker": "fastchat_worker.py", "plots": "plots.py"}
+              "memory": "memory.py", "fastchat-worker": "fastchat_worker.py", "plots": "plots.py"}
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
 
 

@@ -8,9 +8,15 @@ EOS and generate exactly each request's output length, so they do the same usefu
 counts useful generated tokens per second of wall time. A second, untimed Pagoda pass samples the
 KV cache every step and reports the waste (1 - tokens / slots of used blocks) at peak usage.
 
-    python benchmarks/throughput.py [--model DIR] [--num-requests 200] [--hf-batch-size 32]
+With `--workload fixed`, every pair of `--input-lens` x `--output-lens` gets `--num-requests`
+random prompts of exactly that length, each generating exactly that many tokens: Pagoda against
+static batching (by default) per pair. Equal lengths are static batching's best case (no padding,
+no request waits for a longer one), so this isolates the engine's own speed from scheduling.
 
-Writes benchmarks/results/throughput-<machine>.json.
+    python benchmarks/throughput.py [--model DIR] [--num-requests 200] [--hf-batch-size 32]
+    python benchmarks/throughput.py --workload fixed --input-lens 128,512 --output-lens 128,512
+
+Writes benchmarks/results/throughput-cpu.json (throughput-fixed-cpu.json for the sweep).
 """
 
 from __future__ import annotations
@@ -23,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS_DIR, Request, machine_description, sharegpt_like
+from common import (
+    Request,
+    fixed_length,
+    machine_description,
+    output_path,
+    run_watching_kv,
+    sharegpt_like,
+)
 from plots import plot_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -44,24 +57,16 @@ def run_pagoda(llm: LLM, requests: list[Request]) -> float:
 
 
 def peak_kv_waste(llm: LLM, requests: list[Request]) -> dict[str, float]:
-    """Step the engine by hand, reading KV stats after every step; stats at peak block use."""
-    engine = llm.engine
-    for index, request in enumerate(requests):
-        params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
-        engine.add_request(f"waste-{index}", request.prompt_token_ids, params)
-    peak = engine.kv_stats()
-    while engine.has_unfinished_requests():
-        engine.step()
-        stats = engine.kv_stats()
-        if stats.num_used_blocks > peak.num_used_blocks:
-            peak = stats
-    engine.check_no_leaks()
+    """An untimed second pass, stepping the engine by hand: KV stats at peak block use."""
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    peaks = run_watching_kv(llm.engine, [r.prompt_token_ids for r in requests], params)
     return {
-        "peak_used_blocks": peak.num_used_blocks,
-        "peak_tokens": peak.num_tokens,
-        "total_blocks": peak.num_blocks,
-        "block_size": peak.block_size,
-        "kv_waste_at_peak": peak.waste,
+        "peak_used_blocks": peaks.peak_used_blocks,
+        "peak_tokens": peaks.tokens_at_peak,
+        "total_blocks": llm.engine.block_manager.pool.num_blocks,
+        "block_size": llm.engine.block_manager.block_size,
+        "kv_waste_at_peak": peaks.kv_waste_at_peak,
     }
 
 
@@ -111,48 +116,33 @@ def run_transformers_continuous(model_dir: Path, requests: list[Request]) -> flo
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
-    parser.add_argument("--num-requests", type=int, default=200)
-    parser.add_argument("--length-scale", type=float, default=1.0,
-                        help="multiply ShareGPT's mean lengths (smaller for quick runs)")
-    parser.add_argument("--hf-batch-size", type=int, default=32)
-    parser.add_argument("--peers", default="static,continuous",
-                        help="transformers peers to run: static (generate), continuous "
-                             "(its continuous batching), comma-separated")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
-    args = parser.parse_args()
+def peer_runs(model_dir: Path, requests: list[Request], peers: list[str], hf_batch_size: int,
+              pagoda_seconds: float) -> dict[str, dict]:
+    """Run the named transformers peers on the same requests; seconds, tokens/s and Pagoda's
+    speedup over each."""
+    useful_tokens = sum(r.output_len for r in requests)
+    results: dict[str, dict] = {}
+    if "static" in peers:
+        seconds = run_transformers_static(model_dir, requests, hf_batch_size)
+        results["transformers_static"] = {"seconds": seconds, "batch_size": hf_batch_size}
+    if "continuous" in peers:
+        seconds = run_transformers_continuous(model_dir, requests)
+        results["transformers_continuous"] = {"seconds": seconds}
+    for peer in results.values():
+        peer.update(tokens_per_s=useful_tokens / peer["seconds"],
+                    pagoda_speedup=peer["seconds"] / pagoda_seconds)
+    return results
 
-    model_dir = Path(args.model) if args.model else demo_model_path()
-    llm = LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+
+def sharegpt_mix(args: argparse.Namespace, llm: LLM, model_dir: Path) -> dict:
     requests = sharegpt_like(args.num_requests, llm.engine.hf_config.vocab_size,
                              llm.engine.max_model_len, args.seed, args.length_scale)
     useful_tokens = sum(r.output_len for r in requests)
-
     pagoda_seconds = run_pagoda(llm, requests)
     waste = peak_kv_waste(llm, requests)
-    peers = set(args.peers.split(","))
-    peer_results: dict[str, dict] = {}
-    if "static" in peers:
-        seconds = run_transformers_static(model_dir, requests, args.hf_batch_size)
-        peer_results["transformers_static"] = {
-            "seconds": seconds, "tokens_per_s": useful_tokens / seconds,
-            "batch_size": args.hf_batch_size, "pagoda_speedup": seconds / pagoda_seconds}
-    if "continuous" in peers:
-        seconds = run_transformers_continuous(model_dir, requests)
-        peer_results["transformers_continuous"] = {
-            "seconds": seconds, "tokens_per_s": useful_tokens / seconds,
-            "pagoda_speedup": seconds / pagoda_seconds}
-
-    result = {
+    peers = args.peers or ["static", "continuous"]
+    return {
         "benchmark": "offline throughput, ShareGPT-like mix",
-        "machine": machine_description(),
-        "model": str(model_dir) if args.model else "pagoda demo model",
         "num_requests": len(requests),
         "mean_prompt_tokens": float(np.mean([len(r.prompt_token_ids) for r in requests])),
         "mean_output_tokens": float(np.mean([r.output_len for r in requests])),
@@ -160,16 +150,91 @@ def main() -> None:
         "pagoda": {"seconds": pagoda_seconds, "tokens_per_s": useful_tokens / pagoda_seconds,
                    "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens},
-        **peer_results,
+        **peer_runs(model_dir, requests, peers, args.hf_batch_size, pagoda_seconds),
         **waste,
-        "settings": vars(args),
         "requests": [asdict(r) | {"prompt_token_ids": len(r.prompt_token_ids)} for r in requests],
     }
-    output = Path(args.output) if args.output else RESULTS_DIR / "throughput-cpu.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def fixed_sweep(args: argparse.Namespace, llm: LLM, model_dir: Path) -> dict:
+    """Every (input, output) length pair: Pagoda, then its peers, on the same requests."""
+    vocab_size = llm.engine.hf_config.vocab_size
+    run_pagoda(llm, fixed_length(2, 16, 4, vocab_size, args.seed))  # untimed: first-call costs
+    points = []
+    pairs = [(i, o) for i in args.input_lens for o in args.output_lens]
+    for point_index, (input_len, output_len) in enumerate(tqdm(pairs, desc="length pairs")):
+        requests = fixed_length(args.num_requests, input_len, output_len, vocab_size,
+                                args.seed + point_index)
+        useful_tokens = args.num_requests * output_len
+        pagoda_seconds = run_pagoda(llm, requests)
+        points.append({
+            "input_len": input_len, "output_len": output_len,
+            "pagoda": {"seconds": pagoda_seconds, "tokens_per_s": useful_tokens / pagoda_seconds},
+            **peer_runs(model_dir, requests, args.peers or ["static"], args.hf_batch_size,
+                        pagoda_seconds),
+        })
+    return {"benchmark": "offline throughput, fixed lengths", "num_requests": args.num_requests,
+            "points": points}
+
+
+def int_list(text: str) -> list[int]:
+    return [int(item) for item in text.split(",")]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    parser.add_argument("--workload", choices=("sharegpt", "fixed"), default="sharegpt",
+                        help="ShareGPT-like mix, or a sweep of fixed (input, output) lengths")
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="requests of the mix, or per length pair (default: 200 / 32)")
+    parser.add_argument("--length-scale", type=float, default=1.0,
+                        help="multiply ShareGPT's mean lengths (smaller for quick runs)")
+    parser.add_argument("--input-lens", type=int_list, default=[128, 512],
+                        help="fixed workload: prompt lengths, comma-separated")
+    parser.add_argument("--output-lens", type=int_list, default=[128, 512],
+                        help="fixed workload: output lengths, comma-separated")
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--peers", type=lambda text: text.split(","), default=None,
+                        help="transformers peers to run: static (generate), continuous "
+                             "(its continuous batching), comma-separated (default: both for "
+                             "the mix, static for the fixed sweep)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: a few short requests, written under results/tmp/")
+    parser.add_argument("--notes", default="", help="free text stored in the result")
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
+    args = parser.parse_args()
+    if args.num_requests is None:
+        args.num_requests = 200 if args.workload == "sharegpt" else 32
+    if args.quick:
+        args.num_requests, args.length_scale, args.hf_batch_size = 8, 0.1, 4
+        args.input_lens, args.output_lens = [16, 64], [8]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    model_dir = Path(args.model) if args.model else demo_model_path()
+    llm = LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    run = fixed_sweep if args.workload == "fixed" else sharegpt_mix
+    result = {
+        "machine": machine_description(),
+        "model": str(model_dir) if args.model else "pagoda demo model",
+        "notes": args.notes,
+        **run(args, llm, model_dir),
+        "settings": vars(args),
+    }
+    name = "throughput-cpu.json" if args.workload == "sharegpt" else "throughput-fixed-cpu.json"
+    output = output_path(args.output, name, args.quick)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("pagoda", *peer_results, "kv_waste_at_peak")},
-                     indent=2))
+    summary = result["points"] if args.workload == "fixed" else {
+        key: result[key] for key in ("pagoda", "transformers_static", "transformers_continuous",
+                                     "kv_waste_at_peak") if key in result}
+    print(json.dumps(summary, indent=2))
     print(f"wrote {output} and {plot_file(output)}")
 
 

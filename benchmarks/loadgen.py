@@ -4,7 +4,8 @@ closed-loop (fixed concurrency) drivers, and latency summaries.
 
 Every client records, per request: when it was sent, time to first token (TTFT: the first chunk
 carrying output), the gaps between later chunks (inter-token latency, ITL), end-to-end latency
-and the number of output tokens the server reports (usage.completion_tokens)."""
+and the numbers of prompt and output tokens the server reports (usage; for n > 1, the output
+tokens of every choice)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class RequestResult:
     ttft: float | None = None
     e2e: float | None = None
     output_tokens: int = 0
+    prompt_tokens: int = 0  # as the server reports it (0 where it does not)
+    num_choices: int = 1  # n: output_tokens counts the tokens of every choice
     itls: list[float] = field(default_factory=list)
     error: str | None = None
 
@@ -34,44 +37,78 @@ class RequestResult:
 
     @property
     def tpot(self) -> float | None:
-        """Time per output token after the first."""
-        if not self.ok or self.output_tokens < 2 or self.ttft is None:
+        """Time per output token of a choice, after the first; None when each choice arrived in
+        one chunk (beam search sends its beams when they finish), which times no token."""
+        tokens_per_choice = self.output_tokens / self.num_choices
+        if not self.ok or tokens_per_choice < 2 or self.ttft is None or not self.itls:
             return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+        return (self.e2e - self.ttft) / (tokens_per_choice - 1)
 
 
 SendOne = Callable[[httpx.AsyncClient, int], Awaitable[RequestResult]]
 
 
+async def _stream_openai(client: httpx.AsyncClient, url: str, body: dict,
+                        text_of: Callable[[dict], str | None]) -> RequestResult:
+    """POST a streaming request and time its SSE chunks; `text_of(choice)` is the output text a
+    chunk's choice carries. TTFT is the first chunk of any choice; inter-token gaps are taken
+    within each choice (with n > 1 the choices' chunks interleave)."""
+    result = RequestResult(sent=time.perf_counter())
+    last_by_choice: dict[int, float] = {}
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                result.output_tokens = chunk["usage"]["completion_tokens"]
+                result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+            for choice in chunk.get("choices") or []:
+                if not text_of(choice):
+                    continue
+                now = time.perf_counter()
+                if result.ttft is None:
+                    result.ttft = now - result.sent
+                index = choice.get("index", 0)
+                if index in last_by_choice:
+                    result.itls.append(now - last_by_choice[index])
+                last_by_choice[index] = now
+    result.e2e = time.perf_counter() - result.sent
+    result.num_choices = max(1, len(last_by_choice))
+    return result
+
+
+def _request_body(model: str, output_len: int, extra: dict | None) -> dict:
+    """Greedy, exactly `output_len` tokens per choice, streamed with usage; `extra` overrides
+    (n, temperature, seed, use_beam_search...)."""
+    return {"model": model, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+
+
 def openai_completion_client(base_url: str, model: str, prompts: list[list[int]],
-                             output_lens: list[int]) -> SendOne:
-    """Streams /v1/completions with token-id prompts, greedy, exactly `output_len` tokens."""
+                             output_lens: list[int], extra: dict | None = None) -> SendOne:
+    """Streams /v1/completions with token-id prompts."""
 
     async def send(client: httpx.AsyncClient, index: int) -> RequestResult:
-        body = {"model": model, "prompt": prompts[index], "max_tokens": output_lens[index],
-                "temperature": 0.0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        result = RequestResult(sent=time.perf_counter())
-        last = result.sent
-        async with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    now = time.perf_counter()
-                    if result.ttft is None:
-                        result.ttft = now - result.sent
-                    else:
-                        result.itls.append(now - last)
-                    last = now
-        result.e2e = time.perf_counter() - result.sent
-        return result
+        body = _request_body(model, output_lens[index], extra) | {"prompt": prompts[index]}
+        return await _stream_openai(client, f"{base_url}/v1/completions", body,
+                                    lambda choice: choice.get("text"))
+
+    return send
+
+
+def openai_chat_client(base_url: str, model: str, conversations: list[list[dict[str, str]]],
+                       output_lens: list[int], extra: dict | None = None) -> SendOne:
+    """Streams /v1/chat/completions, one conversation (list of messages) per request."""
+
+    async def send(client: httpx.AsyncClient, index: int) -> RequestResult:
+        body = _request_body(model, output_lens[index], extra) | {
+            "messages": conversations[index]}
+        return await _stream_openai(client, f"{base_url}/v1/chat/completions", body,
+                                    lambda choice: (choice.get("delta") or {}).get("content"))
 
     return send
 
@@ -198,6 +235,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 def summarize(results: list[RequestResult], elapsed: float) -> dict[str, object]:
     ok = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = [r.prompt_tokens for r in ok if r.prompt_tokens]
     errors = sorted({r.error for r in results if r.error})
     return {
         "num_requests": len(results),
@@ -207,6 +245,7 @@ def summarize(results: list[RequestResult], elapsed: float) -> dict[str, object]
         "requests_per_s": len(ok) / elapsed,
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / elapsed,
+        "mean_prompt_tokens": float(np.mean(prompt_tokens)) if prompt_tokens else None,
         # TTFT over every request, incomplete ones at their lower bound: a queue that never
         # drains must not look fast.
         "ttft_s": percentiles([r.ttft for r in results if r.ttft is not None]),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
+from tqdm.auto import tqdm
 
 from pagoda.backend import LLMEngine, SamplingParams
 
@@ -74,19 +75,20 @@ class KVPeaks:
     num_steps: int = 0
 
 
-def run_watching_kv(engine: LLMEngine, prompts: list[list[int]],
-                    params: list[SamplingParams], arrive_every_steps: int = 0) -> KVPeaks:
+def run_watching_kv(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams],
+                    arrive_every_steps: int = 0, desc: str = "KV-watched run") -> KVPeaks:
     """Run the requests to completion, step by step; request i is added before step
     i * `arrive_every_steps` (0: all at once). Leaves the engine empty (checked)."""
     process = psutil.Process()
     blocks = engine.block_manager
     peaks = KVPeaks()
     pending = list(enumerate(zip(prompts, params)))
+    progress = tqdm(total=len(prompts), desc=desc, leave=False)
     while pending or engine.has_unfinished_requests():
         while pending and pending[0][0] * arrive_every_steps <= peaks.num_steps:
             index, (prompt, request_params) = pending.pop(0)
             engine.add_request(f"kv-{index}", prompt, request_params)
-        engine.step()
+        progress.update(sum(output.finished for output in engine.step()))
         peaks.num_steps += 1
         live = engine.scheduler.live_sequences()
         unshared = sum(blocks.num_blocks_for(seq.num_computed_tokens) for seq in live)
@@ -97,6 +99,7 @@ def run_watching_kv(engine: LLMEngine, prompts: list[list[int]],
             peaks.peak_used_blocks = stats.num_used_blocks
             peaks.kv_waste_at_peak = stats.waste
             peaks.tokens_at_peak = stats.num_tokens
+    progress.close()
     engine.check_no_leaks()
     return peaks
 

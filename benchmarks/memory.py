@@ -113,7 +113,8 @@ WORKLOADS: dict[str, Callable[[WorkloadSpec], Workload]] = {
 }
 
 
-def measure(model: str, num_kv_blocks: int | None, workload: Workload) -> dict[str, object]:
+def measure(name: str, model: str, num_kv_blocks: int | None,
+            workload: Workload) -> dict[str, object]:
     """Run one workload in a fresh engine; its KV peaks and memory figures."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +122,7 @@ def measure(model: str, num_kv_blocks: int | None, workload: Workload) -> dict[s
                                     enable_prefix_caching=workload.enable_prefix_caching))
     started = time.perf_counter()
     peaks = run_watching_kv(engine, workload.prompts, workload.params,
-                            workload.arrive_every_steps)
+                            workload.arrive_every_steps, desc=name)
     seconds = time.perf_counter() - started
     blocks = engine.block_manager
     result = {
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                         max_model_len=hf_config.max_position_embeddings, seed=args.seed)
     workloads = {}
     for name in tqdm(args.workloads, desc="workloads"):
-        workloads[name] = measure(model, args.num_kv_blocks, WORKLOADS[name](spec))
+        workloads[name] = measure(name, model, args.num_kv_blocks, WORKLOADS[name](spec))
         gc.collect()  # the last engine's KV pool goes before the next engine allocates its own
     result = {
         "benchmark": "KV memory",

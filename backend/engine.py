@@ -75,7 +75,8 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+            self.max_model_len,
         )
         self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
         self.runner = ModelRunner(

@@ -7,8 +7,8 @@ prefilled in chunks alongside other requests' decodes.
 
 When the KV pool runs dry, the most recently arrived running request is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed from its prompt and the tokens
-it had generated (so it resumes with the same output). A request that cannot fit even alone
-fails by itself.
+it had generated (so it resumes with the same output). A group of samples or beams recomputes
+its common history once and forks it again. A request that cannot fit even alone fails by itself.
 """
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 # Fraction of the KV pool kept free when admitting new requests, so running ones can grow by a
 # few decode steps before anything has to be preempted.
 ADMISSION_WATERMARK = 0.01
+
+# After a preemption, admission also keeps room for the running requests to grow: each is
+# expected to generate this fraction of the tokens it may still generate. Without it, a full pool
+# admits a request on the blocks free this step, the running ones fill them while decoding, and
+# the newcomer is preempted and readmitted over and over, each time losing its prefill (SGLang's
+# new-token ratio does the same job). Every step without a preemption lowers the fraction, down
+# to 0, where admission looks at the free blocks alone (as vLLM's does, and as it starts).
+GROWTH_RATIO_AFTER_PREEMPTION = 0.7
+GROWTH_RATIO_DECAY = 0.001
 
 
 @dataclass(slots=True)
@@ -56,11 +65,19 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        growth_ratio_after_preemption: float = GROWTH_RATIO_AFTER_PREEMPTION,
     ) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.growth_ratio_after_preemption = growth_ratio_after_preemption
+        self.growth_ratio = 0.0
         self.waiting: deque[SequenceGroup] = deque()
         # NOTE: kept in arrival order, so the preemption victim is always the last one.
         self.running: list[SequenceGroup] = []
@@ -92,7 +109,10 @@ class Scheduler:
             output.scheduled.extend(plan)
             budget -= sum(item.num_new_tokens for item in plan)
             index += 1
-        if not output.preempted:
+        if output.preempted:
+            self.growth_ratio = self.growth_ratio_after_preemption
+        else:
+            self.growth_ratio = max(0.0, self.growth_ratio - GROWTH_RATIO_DECAY)
             self._admit_waiting(output, budget)
         output.block_copies = self.blocks.take_block_copies()
         return output
@@ -107,6 +127,9 @@ class Scheduler:
             num_new = min(lead.num_uncomputed_tokens, budget)
             done = lead.num_computed_tokens + num_new == len(lead.token_ids)
             return [ScheduledSequence(lead, group, num_new, done, followers=seqs[1:])]
+        history = self._plan_common_history(group, seqs, budget)
+        if history is not None:
+            return history
         if group.beam is not None and any(seq.num_uncomputed_tokens > 1 for seq in seqs):
             return self._plan_beam_recompute(group, seqs, budget)
         plan = []
@@ -120,6 +143,25 @@ class Scheduler:
             plan.append(ScheduledSequence(seq, group, num_new, samples_next_token=done))
             budget -= num_new
         return plan
+
+    def _plan_common_history(
+        self, group: SequenceGroup, seqs: list[Sequence], budget: int
+    ) -> list[ScheduledSequence] | None:
+        """A group resuming after a preemption recomputes what its samples have in common once:
+        the first live sample computes the common history alone, then the others fork its blocks
+        and recompute only their own tokens (without this, n samples would recompute and store
+        the prompt n times). None once every sample holds its blocks."""
+        unforked = [seq for seq in seqs[1:] if seq.num_computed_tokens == 0]
+        if not unforked:
+            return None
+        lead, common = seqs[0], group.common_history_len()
+        if lead.num_computed_tokens < common:
+            num_new = min(common - lead.num_computed_tokens, budget)
+            return [ScheduledSequence(lead, group, num_new, samples_next_token=False)]
+        for seq in unforked:
+            self.blocks.fork(lead, seq, num_tokens=common)
+            seq.num_computed_tokens = common
+        return None
 
     def _plan_beam_recompute(
         self, group: SequenceGroup, seqs: list[Sequence], budget: int
@@ -158,8 +200,19 @@ class Scheduler:
             assert allocated
         return True
 
+    def _growth_blocks(self, group: SequenceGroup) -> int:
+        """Blocks `group` is expected to add before it finishes: for its tokens not computed yet
+        and for `growth_ratio` of the tokens it may still generate."""
+        if self.growth_ratio == 0.0:
+            return 0
+        held = {block.block_id for seq in group.live_seqs
+                for block in self.blocks.block_tables.get(seq.seq_id, [])}
+        return max(0, self._blocks_for_all_tokens(group, self.growth_ratio) - len(held))
+
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         num_seqs = sum(len(group.live_seqs) for group in self.running)
+        # The running requests' room to grow; each admitted one adds its own.
+        reserved = sum(self._growth_blocks(group) for group in self.running) if self.waiting else 0
         while self.waiting and budget > 0:
             group = self.waiting[0]
             seqs = group.live_seqs
@@ -170,13 +223,14 @@ class Scheduler:
                 continue
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
-            table_holders = seqs[:1] if group.shares_prompt_prefill else seqs
-            for seq in table_holders:
-                seq.num_computed_tokens = self.blocks.match_prefix(seq)
+            # The other samples of a group fork the first one's blocks once it has computed what
+            # they have in common (see _plan).
+            lead = seqs[0]
+            lead.num_computed_tokens = self.blocks.match_prefix(lead)
             plan = self._plan(group, budget)
             needed = sum(self.blocks.num_new_blocks_needed(i.seq, i.num_new_tokens) for i in plan)
             free = self.blocks.num_free_blocks
-            headroom = self._watermark_blocks if self.running else 0
+            headroom = self._watermark_blocks + reserved if self.running else 0
             if not plan or needed > free - headroom:
                 self._release(group)
                 if not self.blocks.block_tables and needed > free:
@@ -186,8 +240,7 @@ class Scheduler:
                     continue
                 break
             self._allocate(plan)
-            for seq in table_holders:
-                self.blocks.record_prefix_match(seq)
+            self.blocks.record_prefix_match(lead)
             self.waiting.popleft()
             group.status = GroupStatus.RUNNING
             if group.metrics.first_scheduled_time is None:
@@ -196,6 +249,7 @@ class Scheduler:
             output.scheduled.extend(plan)
             budget -= sum(item.num_new_tokens for item in plan)
             num_seqs += len(seqs)
+            reserved += self._growth_blocks(group)
 
     def requeue(self, groups: list[SequenceGroup]) -> None:
         """Send `groups` back to the front of the queue, in order, to be recomputed from their
@@ -258,12 +312,25 @@ class Scheduler:
             return self._too_large_message(group)
         return None
 
-    def _blocks_for_all_tokens(self, group: SequenceGroup) -> int:
+    def _blocks_for_all_tokens(self, group: SequenceGroup, growth_ratio: float = 0.0) -> int:
+        """Blocks `group` needs to hold all its tokens, and `growth_ratio` of the tokens it may
+        still generate (so 0 for its tokens now)."""
         seqs = group.live_seqs
-        if group.shares_prompt_prefill:
-            # One copy of the prompt, plus a private copy of its last block per other sample.
-            return self.blocks.num_blocks_for(len(seqs[0].token_ids)) + len(seqs) - 1
-        return sum(self.blocks.num_blocks_for(len(seq.token_ids)) for seq in seqs)
+        if len(seqs) == 1:
+            num_common = 0
+        elif group.shares_prompt_prefill:
+            num_common = len(group.prompt_token_ids) // self.blocks.block_size
+        else:
+            num_common = group.common_history_len() // self.blocks.block_size
+        # The full blocks of the common history are stored once; the rest is each sample's own.
+        max_tokens = group.params.max_tokens or self.max_model_len
+        total = num_common
+        for seq in seqs:
+            length = len(seq.token_ids)
+            remaining = min(max_tokens - seq.num_output_tokens, self.max_model_len - length)
+            expected = length + int(max(0, remaining) * growth_ratio)
+            total += self.blocks.num_blocks_for(expected) - num_common
+        return total
 
     def _too_large_message(self, group: SequenceGroup) -> str:
         return (

@@ -93,6 +93,20 @@ class SequenceGroup:
         """Several samples that have not drawn a token yet: one prefill serves them all."""
         return len(self.seqs) > 1 and all(seq.num_output_tokens == 0 for seq in self.seqs)
 
+    def common_history_len(self) -> int:
+        """How many leading tokens all live samples have in common, leaving each at least its
+        last token of its own (the one whose logits give its next token)."""
+        seqs = self.live_seqs
+        length = min(len(seq.token_ids) for seq in seqs) - 1
+        lead = seqs[0].token_ids
+        for seq in seqs[1:]:
+            # The prompt is common by construction: compare only the generated tokens.
+            position = min(seq.num_prompt_tokens, length)
+            while position < length and seq.token_ids[position] == lead[position]:
+                position += 1
+            length = position
+        return length
+
     def fail(self, error: str, internal: bool = False) -> None:
         self.error = error
         self.internal_error = internal

@@ -338,6 +338,37 @@ def test_a_recomputed_sequence_matches_its_own_cached_blocks() -> None:
     manager.check_invariants()
 
 
+def test_fork_of_a_prefix_shares_only_the_blocks_holding_it() -> None:
+    """A resumed group's samples fork the common history: 20 of the parent's 40 tokens."""
+    manager = BlockManager(10, BLOCK_SIZE, enable_prefix_caching=False)
+    parent = FakeSeq(0, list(range(40)))
+    assert manager.allocate_slots(parent, 40)
+    parent.num_computed_tokens = 40
+    child = FakeSeq(1, list(range(20)) + [99] * 5, num_computed_tokens=20)
+    manager.fork(parent, child, num_tokens=20)
+    assert manager.block_ids(1) == [0, 1]
+    assert ref_counts(manager, 0) == [2, 2, 1]
+    # The child's token 20 goes into block 1, which also holds the parent's tokens 20-31.
+    assert manager.allocate_slots(child, 5)
+    assert manager.block_ids(1) == [0, 3]
+    assert manager.take_block_copies() == [(1, 3)]
+    assert ref_counts(manager, 0) == [2, 1, 1]
+    manager.check_invariants()
+
+
+def test_fork_of_a_block_aligned_prefix_copies_nothing() -> None:
+    manager = BlockManager(10, BLOCK_SIZE, enable_prefix_caching=False)
+    parent = FakeSeq(0, list(range(40)))
+    assert manager.allocate_slots(parent, 40)
+    parent.num_computed_tokens = 40
+    child = FakeSeq(1, list(range(32)) + [99] * 3, num_computed_tokens=32)
+    manager.fork(parent, child, num_tokens=32)
+    assert manager.allocate_slots(child, 3)
+    assert manager.block_ids(1) == [0, 1, 3]
+    assert manager.take_block_copies() == []
+    manager.check_invariants()
+
+
 # -- stats and invariants ----------------------------------------------------------------------
 
 

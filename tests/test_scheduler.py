@@ -15,7 +15,12 @@ import pytest
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.outputs import RequestMetrics
 from pagoda.backend.sampling_params import SamplingParams
-from pagoda.backend.scheduler import Scheduler, SchedulerOutput
+from pagoda.backend.scheduler import (
+    GROWTH_RATIO_AFTER_PREEMPTION,
+    GROWTH_RATIO_DECAY,
+    Scheduler,
+    SchedulerOutput,
+)
 from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
 
 _seq_ids = itertools.count()
@@ -59,7 +64,8 @@ class FakeEngine:
         enable_prefix_caching: bool = False,
     ) -> None:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                   max_model_len=4096)
         self.finished: list[SequenceGroup] = []
 
     def add(self, *groups: SequenceGroup) -> None:
@@ -403,6 +409,41 @@ def test_admission_keeps_a_watermark_of_free_blocks_while_others_run() -> None:
         assert engine.blocks.num_free_blocks == (10 - 8 if admitted else 10)
         assert (second in engine.scheduler.running) is admitted
         assert len(output.scheduled) == (2 if admitted else 1)
+
+
+# -- room to grow after a preemption -----------------------------------------------------------
+
+
+def test_a_preemption_turns_on_the_growth_reserve_which_then_decays() -> None:
+    engine = FakeEngine(num_blocks=6)
+    engine.add(make_group("A", 8, max_tokens=20), make_group("B", 8, max_tokens=20, first_token=50))
+    assert engine.scheduler.growth_ratio == 0.0  # as vLLM: free blocks alone, until it misfires
+    outputs = [engine.step()]
+    while not outputs[-1].preempted:
+        outputs.append(engine.step())
+    assert engine.scheduler.growth_ratio == GROWTH_RATIO_AFTER_PREEMPTION
+    assert not any(output.preempted for output in outputs[:-1])
+    engine.step()
+    assert engine.scheduler.growth_ratio == pytest.approx(
+        GROWTH_RATIO_AFTER_PREEMPTION - GROWTH_RATIO_DECAY
+    )
+    engine.run_until_done()
+    engine.check_no_leaks()
+
+
+@pytest.mark.parametrize(("growth_ratio", "admitted"), [(0.0, True), (0.5, False)])
+def test_admission_keeps_room_for_the_running_requests_to_grow(growth_ratio, admitted) -> None:
+    engine = FakeEngine(num_blocks=8)
+    first = make_group("A", 8, max_tokens=35)
+    engine.add(first)
+    engine.step()  # A's prompt: 2 blocks, and its first token
+    engine.scheduler.growth_ratio = growth_ratio
+    engine.add(make_group("B", 8, first_token=50))
+    engine.step()
+    # A holds 3 blocks for 9 tokens; of its 34 tokens to come, about half (16) are expected: 25
+    # tokens, 7 blocks, so 4 more. B's prompt needs 2 of the 5 free blocks, which leaves 3.
+    assert len(table(engine, first)) == 3
+    assert (len(engine.scheduler.running) == 2) is admitted
 
 
 # -- failure -----------------------------------------------------------------------------------

@@ -165,6 +165,35 @@ def test_group_preempted_and_resumed_gives_identical_samples(demo_model_dir):
     tight.engine.check_no_leaks()
 
 
+def test_a_resumed_group_recomputes_its_prompt_once_and_shares_it_again(demo_model_dir):
+    params = SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    prompt = random_prompt(70, 7)  # 4 full blocks and 6 tokens
+    roomy = LLM(str(demo_model_dir), num_kv_blocks=64)
+    reference = [c.token_ids for c in roomy.generate(prompt, params, use_tqdm=False)[0].outputs]
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64,
+                                    enable_prefix_caching=False))
+    engine.add_request("r", prompt, params)
+    for _ in range(4):  # the prompt, then 3 decode steps: the samples have diverged
+        engine.step()
+    group = engine.requests["r"]
+    engine.scheduler.requeue([group])  # as a preemption does: every block freed
+    plan = engine.scheduler.schedule()
+    # Only the first sample runs: the prompt and whatever the samples have in common.
+    assert [item.seq for item in plan.scheduled] == group.seqs[:1]
+    assert plan.scheduled[0].num_new_tokens == group.common_history_len() >= 70
+    engine.scheduler.requeue([group])
+    engine.step()
+    engine.step()  # the others fork, and every sample recomputes its own tokens
+    tables = [engine.block_manager.block_ids(seq.seq_id) for seq in group.seqs]
+    assert all(table[:4] == tables[0][:4] for table in tables)
+    assert engine.block_manager.pool.num_shared_blocks == 4
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.extend(engine.step())
+    assert [c.token_ids for c in outputs[-1].outputs] == reference
+    engine.check_no_leaks()
+
+
 def test_beam_search_preempted_and_recomputed_in_chunks_gives_identical_beams(demo_model_dir):
     params = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0, max_tokens=24,
                             ignore_eos=True)

@@ -124,15 +124,20 @@ class BlockManager:
             table.extend(self.pool.allocate(needed))
         return True
 
-    def fork(self, parent: SequenceTokens, child: SequenceTokens) -> None:
-        """Give `child` the parent's blocks, shared (one more reference each); the first write
-        into a shared partly filled block copies it (see allocate_slots)."""
+    def fork(self, parent: SequenceTokens, child: SequenceTokens, num_tokens: int | None = None) -> None:
+        """Give `child` the parent's blocks holding its first `num_tokens` tokens (all by
+        default), shared: one more reference each. The first write into a shared block that is
+        not full of common tokens copies it (see allocate_slots)."""
         assert child.seq_id not in self.block_tables, "fork into a sequence that holds blocks"
         table = self.block_tables[parent.seq_id]
+        keys = self._block_keys.get(parent.seq_id, [])
+        if num_tokens is not None:
+            table = table[: self.num_blocks_for(num_tokens)]
+            keys = keys[: num_tokens // self.block_size]
         for block in table:
             self.pool.share(block)
         self.block_tables[child.seq_id] = list(table)
-        self._block_keys[child.seq_id] = list(self._block_keys.get(parent.seq_id, []))
+        self._block_keys[child.seq_id] = list(keys)
 
     def take_block_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write copies decided since the last call, in order."""

@@ -3,6 +3,12 @@
 Sequences decoding one token are batched into one SDPA call over their padded contexts;
 sequences feeding several tokens (prefill chunks) each get their own call with an offset causal
 mask, since their query lengths differ.
+
+Decoding sequences whose tables start with the same blocks (the samples or beams of one request,
+requests hitting one cached prefix) attend to that shared prefix together: its keys and values
+are read once for all of them, then each one's own suffix is attended to separately, and the two
+softmax halves are merged by their log-sum-exp (cascade attention). Without this, sharing saves
+KV memory but every sample still pays the full context in every step.
 """
 
 from __future__ import annotations
@@ -26,11 +32,24 @@ class PrefillSlice:
 
 
 @dataclass(slots=True)
+class SharedPrefixes:
+    """Leading blocks that sets of decoding sequences hold in common, padded to one batch."""
+
+    # Each set's decodes (indices among the step's decodes), padded by repeating its first.
+    rows: torch.Tensor  # [num_sets, max_set_size]
+    is_member: torch.Tensor  # [num_sets, max_set_size] bool, False on padding
+    block_tables: torch.Tensor  # [num_sets, max_blocks]
+    mask: torch.Tensor  # [num_sets, 1, 1, max_blocks * block_size] bool, False past the prefix
+
+
+@dataclass(slots=True)
 class TorchAttentionMetadata(AttentionMetadata):
     layout: BatchLayout
     decode_token_index: torch.Tensor  # [num_decodes] rows of the flat batch that decode
+    # Each decode's blocks after its shared prefix (all its blocks when it shares none).
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size]
+    shared_prefixes: SharedPrefixes | None
     prefills: list[PrefillSlice]
 
 
@@ -54,11 +73,20 @@ class TorchAttentionBackend(AttentionBackend):
             query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
             mask = _visible(torch.arange(seq_len, device=device)[None, :], query_pos, sliding_window)
             prefills.append(PrefillSlice(starts[i], starts[i + 1], block_ids, seq_len, mask))
-        max_blocks = max((len(t) for t in decode_tables), default=0)
+        # A sliding window would cut into the shared prefix differently for each sequence.
+        shared = [] if sliding_window else _shared_prefixes(decode_tables, decode_seq_lens,
+                                                           layout.block_size)
+        skipped = [0] * len(decode_tables)
+        for rows, num_blocks in shared:
+            for row in rows:
+                skipped[row] = num_blocks
+        suffixes = [table[skip:] for table, skip in zip(decode_tables, skipped)]
+        max_blocks = max((len(t) for t in suffixes), default=0)
         tables = torch.tensor(
-            [t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long, device=device
-        ).view(len(decode_tables), max_blocks)
-        key_pos = torch.arange(max_blocks * layout.block_size, device=device)[None, :]
+            [t + [0] * (max_blocks - len(t)) for t in suffixes], dtype=torch.long, device=device
+        ).view(len(suffixes), max_blocks)
+        offsets = torch.tensor(skipped, device=device)[:, None] * layout.block_size
+        key_pos = offsets + torch.arange(max_blocks * layout.block_size, device=device)[None, :]
         query_pos = torch.tensor(decode_seq_lens, device=device)[:, None] - 1
         decode_mask = (_visible(key_pos, query_pos, sliding_window))[:, None, None, :]
         return TorchAttentionMetadata(
@@ -66,6 +94,7 @@ class TorchAttentionBackend(AttentionBackend):
             decode_token_index=torch.tensor(decode_rows, dtype=torch.long, device=device),
             decode_block_tables=tables,
             decode_mask=decode_mask,
+            shared_prefixes=_pad_shared(shared, decode_tables, layout.block_size, device),
             prefills=prefills,
         )
 
@@ -95,6 +124,59 @@ class TorchAttentionBackend(AttentionBackend):
         return output
 
 
+def _shared_prefixes(
+    tables: list[list[int]], seq_lens: list[int], block_size: int
+) -> list[tuple[list[int], int]]:
+    """Sets of decodes (as row indices) whose tables start with the same blocks, with how many
+    they share. Only blocks before each one's last are counted: a sequence's last block is its
+    own, since writing into a shared one copies it first."""
+    by_first_block: dict[int, list[int]] = {}
+    for row, (table, seq_len) in enumerate(zip(tables, seq_lens)):
+        if seq_len > block_size:
+            by_first_block.setdefault(table[0], []).append(row)
+    shared = []
+    for rows in by_first_block.values():
+        if len(rows) < 2:
+            continue
+        first = tables[rows[0]]
+        num_blocks = min((seq_lens[row] - 1) // block_size for row in rows)
+        for row in rows[1:]:
+            table = tables[row]
+            common = 0
+            while common < num_blocks and table[common] == first[common]:
+                common += 1
+            num_blocks = common
+        if num_blocks:
+            shared.append((rows, num_blocks))
+    return shared
+
+
+def _pad_shared(
+    shared: list[tuple[list[int], int]],
+    tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> SharedPrefixes | None:
+    if not shared:
+        return None
+    set_size = max(len(rows) for rows, _ in shared)
+    max_blocks = max(num_blocks for _, num_blocks in shared)
+    rows = [members + members[:1] * (set_size - len(members)) for members, _ in shared]
+    is_member = [[i < len(members) for i in range(set_size)] for members, _ in shared]
+    prefix_tables = [
+        tables[members[0]][:num_blocks] + [0] * (max_blocks - num_blocks)
+        for members, num_blocks in shared
+    ]
+    lengths = torch.tensor([num_blocks * block_size for _, num_blocks in shared], device=device)
+    mask = torch.arange(max_blocks * block_size, device=device)[None, :] < lengths[:, None]
+    return SharedPrefixes(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        is_member=torch.tensor(is_member, dtype=torch.bool, device=device),
+        block_tables=torch.tensor(prefix_tables, dtype=torch.long, device=device),
+        mask=mask[:, None, None, :],
+    )
+
+
 def _visible(
     key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int | None
 ) -> torch.Tensor:
@@ -119,6 +201,8 @@ def _decode(
     metadata: TorchAttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
+    if metadata.shared_prefixes is not None:
+        return _cascade_decode(query, key_cache, value_cache, metadata, scale)
     keys = _gather(key_cache, metadata.decode_block_tables).to(query.dtype)
     values = _gather(value_cache, metadata.decode_block_tables).to(query.dtype)
     out = F.scaled_dot_product_attention(
@@ -130,6 +214,75 @@ def _decode(
         enable_gqa=True,
     )
     return out[:, :, 0, :]
+
+
+def _cascade_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: TorchAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention with shared prefixes read once (see the module docstring)."""
+    num_decodes, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[-2]
+    group = num_heads // num_kv_heads
+    # Query head h reads key/value head h // group.
+    queries = query.view(num_decodes, num_kv_heads, group, head_dim).float()
+    output, lse = _attend_with_lse(
+        queries,
+        _gather(key_cache, metadata.decode_block_tables).float(),  # [decodes, kv_heads, keys, dim]
+        _gather(value_cache, metadata.decode_block_tables).float(),
+        metadata.decode_mask,  # [decodes, 1, 1, keys]
+        scale,
+    )
+    shared = metadata.shared_prefixes
+    num_sets, set_size = shared.rows.shape
+    # [num_sets, kv_heads, set_size * group, dim]: every set's queries against its prefix.
+    set_queries = queries[shared.rows].transpose(1, 2).flatten(2, 3)
+    prefix_output, prefix_lse = _attend_with_lse(
+        set_queries,
+        _gather(key_cache, shared.block_tables).float(),  # [num_sets, kv_heads, tokens, dim]
+        _gather(value_cache, shared.block_tables).float(),
+        shared.mask,
+        scale,
+    )
+    shape = (num_sets, num_kv_heads, set_size, group)
+    prefix_output = prefix_output.view(*shape, head_dim).transpose(1, 2)[shared.is_member]
+    prefix_lse = prefix_lse.view(shape).transpose(1, 2)[shared.is_member]
+    rows = shared.rows[shared.is_member]
+    output[rows], lse[rows] = _merge(output[rows], lse[rows], prefix_output, prefix_lse)
+    return output.reshape(num_decodes, num_heads, head_dim).to(query.dtype)
+
+
+def _attend_with_lse(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns each query's log-sum-exp of scores, so partial
+    results over disjoint keys can be merged. query [..., queries, dim], keys and values
+    [..., keys, dim], mask broadcastable to [..., queries, keys] (True = attend)."""
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # Every query sees at least one key, so the row maximum is finite.
+    peak = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - peak)
+    total = weights.sum(dim=-1, keepdim=True)
+    output = torch.matmul(weights, values) / total
+    return output, (peak + torch.log(total)).squeeze(-1)
+
+
+def _merge(
+    output_a: torch.Tensor, lse_a: torch.Tensor, output_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets, from the attention over each."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return weight_a * output_a + weight_b * output_b, lse
 
 
 def _prefill(

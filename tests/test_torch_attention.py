@@ -1,0 +1,101 @@
+"""The torch attention backend against the per-sequence references of pagoda.kernels, for a step
+mixing prefills with decodes that share leading blocks (attended to once, then merged with each
+decode's own blocks) and decodes that share nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda.backend.attention import BatchLayout, TorchAttentionBackend
+from pagoda.kernels import paged_decode_attention_reference, paged_prefill_attention_reference
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 64
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 8, 2, 32
+
+
+def _step() -> tuple[BatchLayout, list[int]]:
+    """(layout, indices of its decodes). Tables are built from a shuffled pool of block ids; a
+    sequence's last block, where its new token goes, is always its own."""
+    ids = iter(torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3)).tolist())
+
+    def fresh(count: int) -> list[int]:
+        return [next(ids) for _ in range(count)]
+
+    samples_prompt = fresh(3)  # three samples of one request
+    beams_history = fresh(4)  # beams that share 4 blocks, and one that left after 2
+    cached_prefix = fresh(2)  # a prefix-cache hit, also fed by a prefill chunk this step
+    pieces = [  # (table, tokens before this step, tokens this step)
+        (samples_prompt + fresh(1), 3 * BLOCK_SIZE, 1),  # first token of its own block
+        (samples_prompt + fresh(1), 3 * BLOCK_SIZE + 7, 1),
+        (fresh(2), 20, 1),  # shares nothing
+        (samples_prompt + fresh(2), 4 * BLOCK_SIZE + 15, 1),  # a full block of its own, and more
+        (cached_prefix + fresh(2), 2 * BLOCK_SIZE, 20),  # a prefill chunk over the cached prefix
+        (beams_history + fresh(1), 4 * BLOCK_SIZE + 3, 1),
+        (beams_history[:2] + fresh(3), 4 * BLOCK_SIZE + 9, 1),
+        (beams_history + fresh(1), 4 * BLOCK_SIZE + 11, 1),
+        (fresh(1), 5, 1),  # shorter than a block
+        (cached_prefix + fresh(1), 2 * BLOCK_SIZE + 2, 1),
+    ]
+    starts, slots = [0], []
+    for table, context, new in pieces:
+        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                  for p in range(context, context + new)]
+        starts.append(starts[-1] + new)
+    layout = BatchLayout(
+        query_start_loc=starts,
+        context_lens=[context for _, context, _ in pieces],
+        block_tables=[table for table, _, _ in pieces],
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
+        block_size=BLOCK_SIZE,
+    )
+    return layout, [i for i, (_, _, new) in enumerate(pieces) if new == 1]
+
+
+def test_decodes_sharing_leading_blocks_are_found_with_how_many_they_share():
+    layout, _ = _step()
+    metadata = TorchAttentionBackend().prepare(layout, torch.device("cpu"), None)
+    shared = metadata.shared_prefixes
+    sets = {
+        tuple(rows[member].tolist()): int(mask[0, 0].sum()) // BLOCK_SIZE
+        for rows, member, mask in zip(shared.rows, shared.is_member, shared.mask)
+    }
+    # Indices among the step's decodes (the prefill chunk is not one): the samples share their
+    # prompt's 3 blocks, the beams the 2 blocks all three still have; the decode on the cached
+    # prefix has no other decode to share it with.
+    assert sets == {(0, 1, 3): 3, (4, 5, 6): 2}
+
+
+@pytest.mark.parametrize("sliding_window", [None, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_mixed_step_matches_the_per_sequence_references(dtype, sliding_window):
+    torch.manual_seed(0)
+    layout, decodes = _step()
+    num_tokens = layout.query_start_loc[-1]
+    query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, dtype=dtype)
+    key, value = torch.randn(2, num_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+    caches = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+    key_cache, value_cache = caches[0].clone(), caches[1].clone()
+    backend = TorchAttentionBackend()
+    metadata = backend.prepare(layout, torch.device("cpu"), sliding_window)
+    assert (metadata.shared_prefixes is None) == (sliding_window is not None)
+    output = backend.forward(query, key, value, key_cache, value_cache, metadata, HEAD_DIM**-0.5)
+
+    width = max(len(table) for table in layout.block_tables)
+    tables = torch.tensor([table + [0] * (width - len(table)) for table in layout.block_tables])
+    starts = torch.tensor(layout.query_start_loc)
+    expected = paged_prefill_attention_reference(
+        query, key_cache, value_cache, tables, starts, torch.tensor(layout.context_lens),
+        HEAD_DIM**-0.5, sliding_window,
+    )
+    rows = starts[decodes]
+    expected_decodes = paged_decode_attention_reference(
+        query[rows], key_cache, value_cache, tables[decodes],
+        torch.tensor(layout.seq_lens)[decodes], HEAD_DIM**-0.5, sliding_window,
+    )
+    # Half precision: the plain path runs SDPA in float16, the references in float32.
+    tolerance = {"atol": 2e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-3,
+                                                                            "rtol": 1e-2}
+    torch.testing.assert_close(output, expected, **tolerance)
+    torch.testing.assert_close(output[rows], expected_decodes, **tolerance)

@@ -7,7 +7,8 @@ and time to first token with prefix caching. Every comparison runs both sides in
    in use with the blocks the same live sequences would need if none were shared (each holding
    its own copy of its history); reports both peaks.
 2. Throughput at the same KV budget: requests with n=4 against the same samples submitted as
-   independent requests (no fork, prefix caching off), generated tokens per second.
+   independent requests (no fork, prefix caching off, each with its sample's seed, so the
+   outputs are identical), generated tokens per second.
 3. Prefix caching: time to first token of a request repeating a 1k-token prefix, cache on
    against off; and throughput on unique prompts (0% hits), cache on against off, alternating
    runs, medians.
@@ -30,6 +31,7 @@ from plots import plot_file
 from pagoda.backend import LLM, LLMEngine, SamplingParams
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import demo_model_path
+from pagoda.backend.sequence import sample_seed
 
 
 def random_prompt(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
@@ -77,6 +79,7 @@ def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, 
     prompts = [random_prompt(rng, int(rng.integers(512, 640)), vocab) for _ in range(num_requests)]
     generated = num_requests * n * max_tokens
     results = {}
+    samples = {}
     for name, sharing in (("shared", True), ("unshared", False)):
         llm = LLM(model, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
         if sharing:
@@ -84,14 +87,19 @@ def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, 
             params = SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=max_tokens,
                                     ignore_eos=True)
         else:
+            # Sample i of a seeded request draws from seed sample_seed(seed, i): the independent
+            # requests generate exactly the shared samples, so both sides do the same work.
             batch = [prompt for prompt in prompts for _ in range(n)]
-            params = SamplingParams(temperature=1.0, seed=0, max_tokens=max_tokens, ignore_eos=True)
+            params = [SamplingParams(temperature=1.0, seed=sample_seed(0, i), max_tokens=max_tokens,
+                                     ignore_eos=True) for _ in prompts for i in range(n)]
         started = time.perf_counter()
-        llm.generate(batch, params, use_tqdm=False)
+        outputs = llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - started
         llm.engine.check_no_leaks()
+        samples[name] = [c.token_ids for output in outputs for c in output.outputs]
         results[name] = {"seconds": seconds, "tokens_per_s": generated / seconds,
                          "preemptions": llm.engine.scheduler.num_preemptions}
+    assert samples["shared"] == samples["unshared"], "sharing changed the samples"
     results["speedup"] = results["unshared"]["seconds"] / results["shared"]["seconds"]
     results.update(num_requests=num_requests, n=n, max_tokens=max_tokens,
                    num_kv_blocks=num_kv_blocks)

@@ -15,7 +15,7 @@ if none shared (each its own copy of its tokens), the blocks sharing saved, KV w
 (1 - tokens / slots of the used blocks), the prefix cache hit rate, the peak process RSS while
 it ran and, on CUDA, torch.cuda.max_memory_allocated.
 
-    python benchmarks/memory.py [--model DIR] [--num-requests 128] [--quick]
+    python benchmarks/memory.py [--model DIR] [--num-requests 48] [--quick]
 
 Writes benchmarks/results/memory-cpu.json and memory-cpu.png.
 """
@@ -149,8 +149,8 @@ def measure(name: str, model: str, num_kv_blocks: int | None,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
-    parser.add_argument("--num-requests", type=int, default=128, help="requests per workload")
-    parser.add_argument("--length-scale", type=float, default=0.5,
+    parser.add_argument("--num-requests", type=int, default=48, help="requests per workload")
+    parser.add_argument("--length-scale", type=float, default=1.0,
                         help="multiply ShareGPT's mean lengths (161 in, 338 out)")
     parser.add_argument("--system-prompt-tokens", type=int, default=1024)
     parser.add_argument("--workloads", type=lambda text: text.split(","), default=list(WORKLOADS),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS_DIR, machine_description, sharegpt_like
+from common import RESULTS_DIR, machine_description, random_prompt, run_watching_kv, sharegpt_like
 from plots import plot_file
 
 from pagoda.backend import LLM, LLMEngine, SamplingParams
@@ -34,27 +34,13 @@ from pagoda.backend.demo import demo_model_path
 from pagoda.backend.sequence import sample_seed
 
 
-def random_prompt(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
-    return [1] + rng.integers(3, vocab_size, length - 1).tolist()
-
-
 def peak_blocks(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict:
     """Run to completion; peak of blocks used and of blocks an unshared layout would need."""
-    for index, prompt in enumerate(prompts):
-        engine.add_request(f"mem-{index}", prompt, params)
-    blocks = engine.block_manager
-    peak_shared = peak_unshared = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        live = engine.scheduler.live_sequences()
-        unshared = sum(blocks.num_blocks_for(seq.num_computed_tokens) for seq in live)
-        peak_shared = max(peak_shared, blocks.pool.num_used_blocks)
-        peak_unshared = max(peak_unshared, unshared)
-    engine.check_no_leaks()
+    peaks = run_watching_kv(engine, prompts, [params] * len(prompts), desc="peak KV blocks")
     return {
-        "peak_blocks_shared": peak_shared,
-        "peak_blocks_unshared": peak_unshared,
-        "fewer_blocks": 1 - peak_shared / peak_unshared,
+        "peak_blocks_shared": peaks.peak_used_blocks,
+        "peak_blocks_unshared": peaks.peak_unshared_blocks,
+        "fewer_blocks": 1 - peaks.peak_used_blocks / peaks.peak_unshared_blocks,
     }
 
 

@@ -168,6 +168,9 @@ def plot(result: dict, path: Path) -> None:
             axes[2].plot(rates, [p["tpot_s"][quantile] for p in sweep], style,
                          label=f"{name} {quantile}")
     axes[1].axhline(result["ttft_threshold_s"], color="grey", linestyle=":", label="threshold")
+    if result.get("workload") == "beam":  # its TPOT panel is empty
+        axes[2].text(0.5, 0.5, "beams arrive whole: TTFT is end-to-end,\nno per-token time",
+                     ha="center", va="center", transform=axes[2].transAxes)
     for axis, title in zip(axes, ("output tokens/s", "TTFT (s)", "time per output token (s)")):
         axis.set_xlabel("request rate (req/s, Poisson)")
         axis.set_title(title)
@@ -176,7 +179,8 @@ def plot(result: dict, path: Path) -> None:
         axis.legend(fontsize=8)
     axes[1].set_yscale("log")
     machine = result["machine"]
-    figure.suptitle(f"Serving, {result['workload']} workload, ShareGPT-like lengths "
+    workload = result.get("workload", "sharegpt")  # results from before --workload have none
+    figure.suptitle(f"Serving, {workload} workload, ShareGPT-like lengths "
                     f"x{result['length_scale']} - {machine['cpu']}, "
                     f"{machine['cores']} cores, GPU {machine['gpu']}", fontsize=10)
     figure.tight_layout()

@@ -59,6 +59,14 @@ class _Stream:
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
+    async def get(self, newest: bool) -> RequestOutput | BaseException:
+        """The next output, or with `newest` the last of those queued (a finished output or an
+        error is always the last one a stream gets)."""
+        item = await self.queue.get()
+        while newest and not self.queue.empty():
+            item = self.queue.get_nowait()
+        return item
+
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
@@ -85,11 +93,16 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
+        self, request_id: str, prompt: Prompt, params: SamplingParams, newest_only: bool = False
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. A request the engine rejects raises
         ValueError on the first iteration. Leaving the loop early (a disconnected client, a
-        cancelled task) aborts the request, which frees its KV blocks within one step."""
+        cancelled task) aborts the request, which frees its KV blocks within one step.
+
+        Each RequestOutput is a cumulative snapshot (all text, tokens and logprobs so far). With
+        `newest_only`, a caller that fell behind gets only the newest of the outputs that arrived
+        meanwhile (the final one included), instead of working through a backlog of stale
+        snapshots; without it, every output (one per step that advanced the request)."""
         if self._stopped:
             raise RuntimeError("the engine is shut down")
         stream = _Stream(asyncio.get_running_loop())
@@ -97,7 +110,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get(newest_only)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -188,3 +201,4 @@ class AsyncEngine:
             num_shared_blocks=blocks.pool.num_shared_blocks,
             num_copy_on_write=blocks.num_copy_on_write,
         )
+

@@ -175,13 +175,17 @@ def main() -> None:
     parser.add_argument("--length-scale", type=float, default=0.25,
                         help="prompt lengths: ShareGPT's mean (161 tokens) times this")
     parser.add_argument("--no-poisson", action="store_true", help="skip the Poisson sweeps")
-    parser.add_argument("--fastchat-rates", default="0.25,0.5,1,2")
-    parser.add_argument("--pagoda-rates", default="2,4,8,16,32")
+    # NOTE: both grids step by the same factor (1.25), so neither worker's sustainable rate is
+    # read off a coarser grid than the other's.
+    parser.add_argument("--fastchat-rates", default="0.64,0.8,1,1.25,1.6,2,2.5")
+    parser.add_argument("--pagoda-rates", default="6.4,8,10,12.5,16,20,25,32")
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--drain-s", type=float, default=20.0)
     parser.add_argument("--ttft-threshold-s", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--notes", default=None,
+                        help="recorded in the results: what else ran on the machine, and so on")
     args = parser.parse_args()
 
     model_dir = Path(args.model) if args.model else demo_model_path()
@@ -214,6 +218,7 @@ def main() -> None:
         "peak_rss_mib": peak_rss_mib,
         "poisson": sweeps,
         "settings": vars(args),
+        "notes": args.notes,
     }
     output = Path(args.output) if args.output else RESULTS_DIR / "fastchat-worker-cpu.json"
     output.parent.mkdir(parents=True, exist_ok=True)

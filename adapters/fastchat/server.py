@@ -38,6 +38,11 @@ from pagoda.backend.demo import DEMO_MODEL_NAME
 DEFAULT_CONTROLLER_ADDRESS = "http://localhost:21001"  # FastChat's default
 DEFAULT_WORKER_PORT = 21002  # FastChat's default
 STARTED_POLL_SECONDS = 0.05
+# Idle keep-alive connections are closed after this long. It must outlast the clients' own idle
+# expiry (httpx: 5 s, aiohttp: 15 s): at uvicorn's default of 5 s the server and an httpx client
+# give up on an idle connection at the same moment, and a request sent on it just then fails
+# with a connection reset (httpx.ReadError) instead of being answered.
+KEEP_ALIVE_SECONDS = 75
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +130,9 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
     drain = Drain()
     routes = worker_routes(worker, args.max_request_bytes)
     app = DrainMiddleware(Starlette(routes=routes), drain, _shutting_down)
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"),
-                            drain, args.shutdown_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
+    server = DrainingServer(config, drain, args.shutdown_timeout)
     try:
         # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the
         # normal way to stop (uvicorn.run swallows it the same way).

@@ -109,7 +109,10 @@ class FastChatWorker:
                 request_id = f"fastchat-{uuid.uuid4().hex}"
                 # aclosing: when this stream is closed early, the engine request is aborted now
                 # rather than whenever the inner generator is garbage-collected.
-                outputs = self.engine.generate(request_id, request.prompt, params)
+                # FastChat's chunks are cumulative, so a stream that fell behind sends only the
+                # newest text rather than a backlog of ever longer stale ones.
+                outputs = self.engine.generate(request_id, request.prompt, params,
+                                               newest_only=True)
                 self._num_unstarted += 1
                 started = False
                 try:

@@ -82,7 +82,11 @@ def test_chat_stream_framing_byte_for_byte(http, openai_server):
     assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None, "stop_reason": None}]
     content = chunks[1:-1]
-    assert [c["choices"][0]["finish_reason"] for c in content] == [None] * 4 + ["length"]
+    # One chunk per engine step the stream kept up with (up to one per token): the server merges
+    # the outputs of steps it had not sent yet, so a fast engine may send fewer.
+    assert 1 <= len(content) <= 5
+    finish_reasons = [c["choices"][0]["finish_reason"] for c in content]
+    assert finish_reasons == [None] * (len(content) - 1) + ["length"]
     assert all(set(c["choices"][0]["delta"]) == {"content"} for c in content)
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == []

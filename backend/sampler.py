@@ -119,7 +119,8 @@ class Sampler:
     def _exponential_noise(
         self, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
     ) -> torch.Tensor:
-        """[len(rows), vocab_size] Exp(1) draws, each seeded row's from its own (seed, step)."""
+        """[len(rows), vocab_size] Exp(1) draws, each seeded row's from its own (seed, step)
+        stream, the others from the sampler's shared generator."""
         noise = torch.empty(len(rows), vocab_size, dtype=torch.float32, device=device)
         unseeded = [i for i, row in enumerate(rows) if row.seed is None]
         if unseeded:
@@ -127,10 +128,12 @@ class Sampler:
             noise[torch.tensor(unseeded, device=device)] = shared.exponential_(
                 generator=self._shared_generator(device)
             )
-        for i, row in enumerate(rows):
-            if row.seed is not None:
-                step = len(row.output_token_ids)
-                noise[i].exponential_(generator=_step_generator(row.seed, step, device))
+        seeded = [(i, row) for i, row in enumerate(rows) if row.seed is not None]
+        if seeded:
+            keys = [_stream_key(row.seed, len(row.output_token_ids)) for _, row in seeded]
+            noise[torch.tensor([i for i, _ in seeded], device=device)] = _counter_exponential(
+                torch.tensor(keys, dtype=torch.int64, device=device), vocab_size
+            )
         # NOTE: q == 0 would turn p / q into inf (or nan for p == 0) and could elect an excluded
         # token; the clamp keeps every q positive while leaving the distribution unchanged.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
@@ -157,14 +160,44 @@ def _needs_processing(row: SamplingRow) -> bool:
     )
 
 
-def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator determined by (seed, step) alone, so a seeded sequence draws the same noise
-    whatever its batch and after a recompute. Hashing the pair (rather than seed + step) keeps
-    seeds s and s + 1 from replaying each other's streams shifted by one step."""
+def _stream_key(seed: int, step: int) -> int:
+    """The 63-bit key of a seeded sequence's draw at one step, fixed by (seed, step) alone, so the
+    sequence draws the same noise whatever its batch and after a recompute. Hashing the pair
+    (rather than seed + step) keeps seeds s and s + 1 from replaying each other's streams
+    shifted by one step."""
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little") >> 1)  # 63 bits: a valid seed
-    return generator
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# SplitMix64's increment and finalizer constants (Steele, Lea and Flood, 2014), as int64.
+_SPLITMIX_GAMMA = _as_int64(0x9E3779B97F4A7C15)
+_SPLITMIX_MIX_1 = _as_int64(0xBF58476D1CE4E5B9)
+_SPLITMIX_MIX_2 = _as_int64(0x94D049BB133111EB)
+
+
+def _counter_exponential(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[len(keys), vocab_size] Exp(1) draws: token t of row r gets the SplitMix64 output number
+    t + 1 of the stream started at keys[r]. Counter-based, so all seeded rows are drawn in one
+    batched computation instead of one torch.Generator per row and step (seeding a Mersenne
+    Twister per row cost more than the draws)."""
+    counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=keys.device)
+    # int64 arithmetic wraps around, as SplitMix64's uint64 does; shifts must be logical.
+    z = keys[:, None] + counters[None, :] * _SPLITMIX_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MIX_1
+    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MIX_2
+    z = z ^ _shift_right(z, 31)
+    # The top 53 bits as a float64 strictly inside (0, 1), so -log is finite and positive.
+    uniform = (_shift_right(z, 11).double() + 0.5) * 2.0**-53
+    return torch.log(uniform).neg_().float()
+
+
+def _shift_right(value: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> copies the sign bit)."""
+    return (value >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def _float32_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:

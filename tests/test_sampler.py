@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from pagoda.backend.sampler import Sampler, SamplingRow
+from pagoda.backend.sampler import Sampler, SamplingRow, _counter_exponential, _stream_key
 from pagoda.backend.sampling_params import SamplingParams
 
 EOS = 0
@@ -247,6 +247,19 @@ def test_temperature_sampling_matches_softmax(seeded: bool) -> None:
     # The test has power: the same draws are far from the untempered distribution.
     untempered = num_draws * torch.softmax(logits.double(), dim=-1)
     assert chi_square(observed, untempered) > 10 * CHI_SQUARE_CRITICAL_DF5_P001
+
+
+def test_seeded_noise_follows_the_exponential_distribution() -> None:
+    """Kolmogorov-Smirnov test of the counter-based Exp(1) draws of seeded rows."""
+    keys = torch.tensor([_stream_key(seed, step=3) for seed in range(10)])
+    draws = _counter_exponential(keys, 4096).double().flatten().sort().values
+    n = draws.numel()
+    cdf = 1 - torch.exp(-draws)
+    above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf
+    below = cdf - torch.arange(0, n, dtype=torch.float64) / n
+    # 1.95 / sqrt(n): the statistic's critical value at significance level 0.001.
+    assert max(above.max(), below.max()) < 1.95 / n**0.5
+    assert (draws > 0).all()
 
 
 def test_chi_square_critical_value_matches_scipy() -> None:

@@ -8,7 +8,7 @@ and time to first token with prefix caching. Every comparison runs both sides in
    its own copy of its history); reports both peaks.
 2. Throughput at the same KV budget: requests with n=4 against the same samples submitted as
    independent requests (no fork, prefix caching off, each with its sample's seed, so the
-   outputs are identical), generated tokens per second.
+   outputs are identical), generated tokens per second; 5 alternating rounds, medians.
 3. Prefix caching: time to first token of a request repeating a 1k-token prefix, cache on
    against off; and throughput on unique prompts (0% hits), cache on against off, alternating
    runs, medians.
@@ -60,36 +60,45 @@ def memory(model: str, vocab: int, rng: np.random.Generator, quick: bool) -> dic
 
 
 def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, quick: bool,
-                              num_kv_blocks: int) -> dict:
+                              num_kv_blocks: int, rounds: int) -> dict:
     num_requests, n, max_tokens = (4, 4, 48) if quick else (12, 4, 128)
     prompts = [random_prompt(rng, int(rng.integers(512, 640)), vocab) for _ in range(num_requests)]
     generated = num_requests * n * max_tokens
-    results = {}
+    shared_params = SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=max_tokens,
+                                   ignore_eos=True)
+    # Sample i of a seeded request draws from seed sample_seed(seed, i): the independent requests
+    # generate exactly the shared samples, so both sides do the same work.
+    unshared_params = [SamplingParams(temperature=1.0, seed=sample_seed(0, i), max_tokens=max_tokens,
+                                      ignore_eos=True) for _ in prompts for i in range(n)]
+    sides = {
+        "shared": (prompts, shared_params),
+        "unshared": ([prompt for prompt in prompts for _ in range(n)], unshared_params),
+    }
+    runs: dict[str, list[dict]] = {"shared": [], "unshared": []}
     samples = {}
-    for name, sharing in (("shared", True), ("unshared", False)):
-        llm = LLM(model, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
-        if sharing:
-            batch = prompts
-            params = SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=max_tokens,
-                                    ignore_eos=True)
-        else:
-            # Sample i of a seeded request draws from seed sample_seed(seed, i): the independent
-            # requests generate exactly the shared samples, so both sides do the same work.
-            batch = [prompt for prompt in prompts for _ in range(n)]
-            params = [SamplingParams(temperature=1.0, seed=sample_seed(0, i), max_tokens=max_tokens,
-                                     ignore_eos=True) for _ in prompts for i in range(n)]
-        started = time.perf_counter()
-        outputs = llm.generate(batch, params, use_tqdm=False)
-        seconds = time.perf_counter() - started
-        llm.engine.check_no_leaks()
-        samples[name] = [c.token_ids for output in outputs for c in output.outputs]
-        results[name] = {"seconds": seconds, "tokens_per_s": generated / seconds,
-                         "preemptions": llm.engine.scheduler.num_preemptions}
-    assert samples["shared"] == samples["unshared"], "sharing changed the samples"
-    results["speedup"] = results["unshared"]["seconds"] / results["shared"]["seconds"]
-    results.update(num_requests=num_requests, n=n, max_tokens=max_tokens,
-                   num_kv_blocks=num_kv_blocks)
-    return results
+    for _ in range(rounds):  # alternate, so drift on a shared machine hits both sides alike
+        for name, (batch, params) in sides.items():
+            llm = LLM(model, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
+            started = time.perf_counter()
+            outputs = llm.generate(batch, params, use_tqdm=False)
+            seconds = time.perf_counter() - started
+            llm.engine.check_no_leaks()
+            samples[name] = [c.token_ids for output in outputs for c in output.outputs]
+            runs[name].append({"seconds": seconds, "tokens_per_s": generated / seconds,
+                               "preemptions": llm.engine.scheduler.num_preemptions})
+        assert samples["shared"] == samples["unshared"], "sharing changed the samples"
+    speedups = [u["seconds"] / s["seconds"] for s, u in zip(runs["shared"], runs["unshared"])]
+    median = {name: statistics.median(run["seconds"] for run in side) for name, side in runs.items()}
+    return {
+        "shared": {"median_seconds": median["shared"],
+                   "tokens_per_s": generated / median["shared"], "runs": runs["shared"]},
+        "unshared": {"median_seconds": median["unshared"],
+                     "tokens_per_s": generated / median["unshared"], "runs": runs["unshared"]},
+        "speedup": median["unshared"] / median["shared"],
+        "speedup_per_round": speedups,
+        "rounds": rounds, "num_requests": num_requests, "n": n, "max_tokens": max_tokens,
+        "num_kv_blocks": num_kv_blocks,
+    }
 
 
 def prefix_caching_ttft(model: str, vocab: int, rng: np.random.Generator, trials: int) -> dict:
@@ -147,10 +156,10 @@ def main() -> None:
         "model": args.model or "pagoda demo model",
         "memory": memory(model, vocab, rng, args.quick),
         "throughput_same_kv_budget": throughput_at_same_budget(
-            model, vocab, rng, args.quick, args.num_kv_blocks),
+            model, vocab, rng, args.quick, args.num_kv_blocks, 1 if args.quick else 5),
         "prefix_caching_ttft": prefix_caching_ttft(model, vocab, rng, 3 if args.quick else 7),
         "prefix_caching_zero_hit_cost": zero_hit_cost(
-            model, vocab, max_model_len, 3 if args.quick else 5, args.quick),
+            model, vocab, max_model_len, 3 if args.quick else 9, args.quick),
     }
     output = Path(args.output) if args.output else RESULTS_DIR / "sharing-cpu.json"
     output.write_text(json.dumps(result, indent=2) + "\n")

@@ -36,6 +36,7 @@ def _step() -> tuple[BatchLayout, list[int]]:
         (beams_history[:2] + fresh(3), 4 * BLOCK_SIZE + 9, 1),
         (beams_history + fresh(1), 4 * BLOCK_SIZE + 11, 1),
         (fresh(1), 5, 1),  # shorter than a block
+        (fresh(3), 0, 37),  # a whole prompt
         (cached_prefix + fresh(1), 2 * BLOCK_SIZE + 2, 1),
     ]
     starts, slots = [0], []

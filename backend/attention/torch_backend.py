@@ -118,8 +118,9 @@ class TorchAttentionBackend(AttentionBackend):
             rows = metadata.decode_token_index
             output[rows] = _decode(query[rows], key_cache, value_cache, metadata, scale)
         for piece in metadata.prefills:
-            output[piece.token_start : piece.token_end] = _prefill(
-                query[piece.token_start : piece.token_end], key_cache, value_cache, piece, scale
+            rows = slice(piece.token_start, piece.token_end)
+            output[rows] = _prefill(
+                query[rows], key[rows], value[rows], key_cache, value_cache, piece, scale
             )
         return output
 
@@ -287,13 +288,19 @@ def _merge(
 
 def _prefill(
     query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     piece: PrefillSlice,
     scale: float,
 ) -> torch.Tensor:
-    keys = _gather(key_cache, piece.block_ids)[:, : piece.seq_len].to(query.dtype)
-    values = _gather(value_cache, piece.block_ids)[:, : piece.seq_len].to(query.dtype)
+    if piece.seq_len == query.shape[0]:
+        # A whole prompt: its keys and values are this step's, no need to read them back.
+        keys, values = key.transpose(0, 1), value.transpose(0, 1)
+    else:
+        keys = _gather(key_cache, piece.block_ids)[:, : piece.seq_len].to(query.dtype)
+        values = _gather(value_cache, piece.block_ids)[:, : piece.seq_len].to(query.dtype)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1),  # [heads, query_len, dim]
         keys,

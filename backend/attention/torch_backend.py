@@ -2,7 +2,7 @@
 
 Sequences decoding one token are batched into one SDPA call over their padded contexts;
 sequences feeding several tokens (prefill chunks) each get their own call with an offset causal
-mask, since their query lengths differ.
+mask, since their query lengths differ (a whole prompt uses its new keys and values as they are).
 
 Decoding sequences whose tables start with the same blocks (the samples or beams of one request,
 requests hitting one cached prefix) attend to that shared prefix together: its keys and values

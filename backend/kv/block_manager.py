@@ -124,7 +124,9 @@ class BlockManager:
             table.extend(self.pool.allocate(needed))
         return True
 
-    def fork(self, parent: SequenceTokens, child: SequenceTokens, num_tokens: int | None = None) -> None:
+    def fork(
+        self, parent: SequenceTokens, child: SequenceTokens, num_tokens: int | None = None
+    ) -> None:
         """Give `child` the parent's blocks holding its first `num_tokens` tokens (all by
         default), shared: one more reference each. The first write into a shared block that is
         not full of common tokens copies it (see allocate_slots)."""

@@ -22,10 +22,15 @@ PROMPT = ChatPromptTemplate.from_messages([
 ])
 
 
-def build_chain(base_url: str, model: str, api_key: str, max_tokens: int) -> Runnable:
-    """The chain: any OpenAI-compatible base URL works, Pagoda's is http://HOST:PORT/v1."""
+def build_chain(
+    base_url: str, model: str, api_key: str, max_tokens: int, seed: int | None = None
+) -> Runnable:
+    """The chain: any OpenAI-compatible base URL works, Pagoda's is http://HOST:PORT/v1.
+
+    A seed makes the sampled answer reproducible (Pagoda honours OpenAI's `seed` per request).
+    """
     llm = ChatOpenAI(base_url=base_url, model=model, api_key=api_key, temperature=0.7,
-                     max_completion_tokens=max_tokens, streaming=True, max_retries=1)
+                     max_completion_tokens=max_tokens, seed=seed, streaming=True, max_retries=1)
     return PROMPT | llm | StrOutputParser()
 
 
@@ -42,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     # Pagoda checks the key only when started with --api-key; the client needs some value.
     parser.add_argument("--api-key", default="unused")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=None, help="sample reproducibly")
     args = parser.parse_args(argv)
-    chain = build_chain(args.base_url, args.model, args.api_key, args.max_tokens)
+    chain = build_chain(args.base_url, args.model, args.api_key, args.max_tokens, args.seed)
     for piece in stream_answer(chain, args.question):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -200,14 +200,16 @@ class Scheduler:
             assert allocated
         return True
 
-    def _growth_blocks(self, group: SequenceGroup) -> int:
+    def _blocks_to_come(self, group: SequenceGroup, growth_ratio: float) -> int:
         """Blocks `group` is expected to add before it finishes: for its tokens not computed yet
         and for `growth_ratio` of the tokens it may still generate."""
-        if self.growth_ratio == 0.0:
-            return 0
         held = {block.block_id for seq in group.live_seqs
                 for block in self.blocks.block_tables.get(seq.seq_id, [])}
-        return max(0, self._blocks_for_all_tokens(group, self.growth_ratio) - len(held))
+        return max(0, self._blocks_for_all_tokens(group, growth_ratio) - len(held))
+
+    def _growth_blocks(self, group: SequenceGroup) -> int:
+        """The room a running `group` keeps to grow (none until a preemption, see above)."""
+        return self._blocks_to_come(group, self.growth_ratio) if self.growth_ratio else 0
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         num_seqs = sum(len(group.live_seqs) for group in self.running)
@@ -228,7 +230,13 @@ class Scheduler:
             lead = seqs[0]
             lead.num_computed_tokens = self.blocks.match_prefix(lead)
             plan = self._plan(group, budget)
-            needed = sum(self.blocks.num_new_blocks_needed(i.seq, i.num_new_tokens) for i in plan)
+            # Room for all the group's tokens now, not only this step's chunk: a group resuming
+            # after a preemption that fit its first chunk (the common history) but not its
+            # samples' own tokens would preempt itself on the next step, over and over.
+            needed = max(
+                sum(self.blocks.num_new_blocks_needed(i.seq, i.num_new_tokens) for i in plan),
+                self._blocks_to_come(group, 0.0),
+            )
             free = self.blocks.num_free_blocks
             headroom = self._watermark_blocks + reserved if self.running else 0
             if not plan or needed > free - headroom:

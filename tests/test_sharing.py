@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from pagoda.backend import LLM, LLMEngine, SamplingParams
 from pagoda.backend.config import EngineConfig
-from pagoda.backend.sequence import sample_seed
+from pagoda.backend.sequence import Sequence, sample_seed
 
 
 @cache
@@ -191,6 +191,39 @@ def test_a_resumed_group_recomputes_its_prompt_once_and_shares_it_again(demo_mod
     while engine.has_unfinished_requests():
         outputs.extend(engine.step())
     assert [c.token_ids for c in outputs[-1].outputs] == reference
+    engine.check_no_leaks()
+
+
+def test_a_resumed_group_waits_until_all_its_samples_fit_not_only_their_common_part(
+    demo_model_dir,
+):
+    params = SamplingParams(n=4, temperature=1.0, seed=9, max_tokens=40, ignore_eos=True)
+    prompt = random_prompt(70, 8)
+    roomy = LLM(str(demo_model_dir), num_kv_blocks=64)
+    reference = [c.token_ids for c in roomy.generate(prompt, params, use_tqdm=False)[0].outputs]
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64,
+                                    enable_prefix_caching=False))
+    blocks = engine.block_manager
+    engine.add_request("r", prompt, params)
+    for _ in range(21):  # 90 tokens each: 4 prompt blocks shared, 2 of each sample's own
+        engine.step()
+    group = engine.requests["r"]
+    engine.scheduler.requeue([group])  # as a preemption does
+    # Something else holds the pool but one block of what the group needs back: enough for its
+    # common history (the first chunk it recomputes), not for all its samples.
+    occupant = Sequence(seq_id=-1, index=0, token_ids=[0] * 16 * (64 - 11), num_prompt_tokens=0,
+                        seed=None, detokenizer=None)
+    assert blocks.allocate_slots(occupant, len(occupant.token_ids))
+    assert blocks.num_free_blocks == 4 + 4 * 2 - 1
+    output = engine.scheduler.schedule()
+    # Admitting it would make it preempt itself once the samples fork and need their own blocks.
+    assert output.scheduled == [] and list(engine.scheduler.waiting) == [group]
+    blocks.free(occupant)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.extend(engine.step())
+    assert [c.token_ids for c in outputs[-1].outputs] == reference
+    assert engine.scheduler.num_preemptions == 0
     engine.check_no_leaks()
 
 

@@ -59,8 +59,8 @@ def test_decodes_sharing_leading_blocks_are_found_with_how_many_they_share():
     metadata = TorchAttentionBackend().prepare(layout, torch.device("cpu"), None)
     shared = metadata.shared_prefixes
     sets = {
-        tuple(rows[member].tolist()): int(mask[0, 0].sum()) // BLOCK_SIZE
-        for rows, member, mask in zip(shared.rows, shared.is_member, shared.mask)
+        tuple(rows[member].tolist()): int((bias[0, 0] == 0).sum()) // BLOCK_SIZE
+        for rows, member, bias in zip(shared.rows, shared.is_member, shared.bias)
     }
     # Indices among the step's decodes (the prefill chunk is not one): the samples share their
     # prompt's 3 blocks, the beams the 2 blocks all three still have; the decode on the cached
@@ -100,3 +100,24 @@ def test_a_mixed_step_matches_the_per_sequence_references(dtype, sliding_window)
                                                                             "rtol": 1e-2}
     torch.testing.assert_close(output, expected, **tolerance)
     torch.testing.assert_close(output[rows], expected_decodes, **tolerance)
+
+
+def test_attention_with_log_sum_exp_fused_on_cpu_and_unfused_elsewhere_agree():
+    from pagoda.backend.attention.torch_backend import (
+        _additive,
+        _attend_with_lse,
+        _attend_with_lse_unfused,
+    )
+
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(3, NUM_KV_HEADS, 5, HEAD_DIM, generator=generator)
+    # Laid out as _gather leaves them: [batch, keys, heads, dim] storage, viewed heads first.
+    keys, values = torch.randn(2, 3, 40, NUM_KV_HEADS, HEAD_DIM, generator=generator).transpose(2, 3)
+    visible = torch.arange(40)[None, None, None, :] < torch.tensor([40, 17, 1])[:, None, None, None]
+    scale = HEAD_DIM**-0.5
+    scores = (query @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    expected = (torch.softmax(scores, dim=-1) @ values, torch.logsumexp(scores, dim=-1))
+    for attend in (_attend_with_lse, _attend_with_lse_unfused):
+        output, lse = attend(query, keys, values, _additive(visible), scale)
+        torch.testing.assert_close(output, expected[0])
+        torch.testing.assert_close(lse.view_as(expected[1]), expected[1])

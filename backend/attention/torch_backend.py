@@ -39,7 +39,10 @@ class SharedPrefixes:
     rows: torch.Tensor  # [num_sets, max_set_size]
     is_member: torch.Tensor  # [num_sets, max_set_size] bool, False on padding
     block_tables: torch.Tensor  # [num_sets, max_blocks]
-    mask: torch.Tensor  # [num_sets, 1, 1, max_blocks * block_size] bool, False past the prefix
+    # Additive float32 masks (0 to attend, -inf not to): past each set's prefix, and past each
+    # decode's own tokens (its decode_mask).
+    bias: torch.Tensor  # [num_sets, 1, 1, max_blocks * block_size]
+    suffix_bias: torch.Tensor  # [num_decodes, 1, 1, decode keys]
 
 
 @dataclass(slots=True)
@@ -94,7 +97,8 @@ class TorchAttentionBackend(AttentionBackend):
             decode_token_index=torch.tensor(decode_rows, dtype=torch.long, device=device),
             decode_block_tables=tables,
             decode_mask=decode_mask,
-            shared_prefixes=_pad_shared(shared, decode_tables, layout.block_size, device),
+            shared_prefixes=_pad_shared(shared, decode_tables, decode_mask, layout.block_size,
+                                        device),
             prefills=prefills,
         )
 
@@ -155,6 +159,7 @@ def _shared_prefixes(
 def _pad_shared(
     shared: list[tuple[list[int], int]],
     tables: list[list[int]],
+    decode_mask: torch.Tensor,
     block_size: int,
     device: torch.device,
 ) -> SharedPrefixes | None:
@@ -174,8 +179,14 @@ def _pad_shared(
         rows=torch.tensor(rows, dtype=torch.long, device=device),
         is_member=torch.tensor(is_member, dtype=torch.bool, device=device),
         block_tables=torch.tensor(prefix_tables, dtype=torch.long, device=device),
-        mask=mask[:, None, None, :],
+        bias=_additive(mask[:, None, None, :]),
+        suffix_bias=_additive(decode_mask),
     )
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = attend) as float32 scores to add: 0 or -inf."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _visible(
@@ -190,7 +201,8 @@ def _visible(
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """[..., num_blocks] block ids -> [..., num_kv_heads, num_blocks * block_size, head_dim]."""
-    blocks = cache[block_ids]  # [..., num_blocks, block_size, heads, dim]
+    # index_select, not cache[block_ids]: on CPU advanced indexing copied 4-6x slower.
+    blocks = cache.index_select(0, block_ids.flatten()).view(*block_ids.shape, *cache.shape[1:])
     tokens = blocks.flatten(-4, -3)  # [..., num_blocks * block_size, heads, dim]
     return tokens.transpose(-3, -2)
 
@@ -234,7 +246,7 @@ def _cascade_decode(
         queries,
         _gather(key_cache, metadata.decode_block_tables).float(),  # [decodes, kv_heads, keys, dim]
         _gather(value_cache, metadata.decode_block_tables).float(),
-        metadata.decode_mask,  # [decodes, 1, 1, keys]
+        metadata.shared_prefixes.suffix_bias,  # [decodes, 1, 1, keys]
         scale,
     )
     shared = metadata.shared_prefixes
@@ -245,7 +257,7 @@ def _cascade_decode(
         set_queries,
         _gather(key_cache, shared.block_tables).float(),  # [num_sets, kv_heads, tokens, dim]
         _gather(value_cache, shared.block_tables).float(),
-        shared.mask,
+        shared.bias,
         scale,
     )
     shape = (num_sets, num_kv_heads, set_size, group)
@@ -257,18 +269,25 @@ def _cascade_decode(
 
 
 def _attend_with_lse(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns each query's log-sum-exp of scores, so partial
-    results over disjoint keys can be merged. query [..., queries, dim], keys and values
-    [..., keys, dim], mask broadcastable to [..., queries, keys] (True = attend)."""
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    results over disjoint keys can be merged. float32 query [batch, heads, queries, dim], keys
+    and values [batch, heads, keys, dim], bias broadcastable to [batch, heads, queries, keys]
+    (see _additive); every query must see at least one key."""
+    if query.device.type == "cpu":
+        # PyTorch's fused CPU attention computes the log-sum-exp anyway and returns it: one
+        # call instead of the eight below (the cascade's share of a decode step fell by a third).
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, attn_mask=bias, scale=scale
+        )
+    return _attend_with_lse_unfused(query, keys, values, bias, scale)
+
+
+def _attend_with_lse_unfused(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale + bias
     # Every query sees at least one key, so the row maximum is finite.
     peak = scores.amax(dim=-1, keepdim=True)
     weights = torch.exp(scores - peak)

@@ -205,7 +205,7 @@ def test_a_resumed_group_waits_until_all_its_samples_fit_not_only_their_common_p
                                     enable_prefix_caching=False))
     blocks = engine.block_manager
     engine.add_request("r", prompt, params)
-    for _ in range(21):  # 90 tokens each: 4 prompt blocks shared, 2 of each sample's own
+    for _ in range(21):  # 91 tokens each: 4 prompt blocks shared, 2 of each sample's own
         engine.step()
     group = engine.requests["r"]
     engine.scheduler.requeue([group])  # as a preemption does

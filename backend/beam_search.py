@@ -8,21 +8,23 @@ become finished hypotheses scored `sum_logprobs / generated_len ** length_penalt
 at its current length, can no longer beat the worst finished one; "never" the same but judging
 the running beam at the maximum length when length_penalty > 0.
 
-This module only decides; the engine forks and frees the sequences (and so the KV blocks).
+The scheduler calls `advance_beams` with each beam's candidates (the sampler's beam mode) when it
+applies a step's output; it forks and frees the beams' KV blocks. The finished hypotheses become
+completions, with their text, in output processing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.kv.block_manager import BlockManager
-from pagoda.backend.outputs import CompletionOutput
-from pagoda.backend.sequence import Sequence, SequenceGroup
+from pagoda.backend.model_output import BeamCandidates
+
+if TYPE_CHECKING:
+    from pagoda.backend.sequence import Sequence, SequenceGroup
 
 # Score given to slots that must never be chosen, as transformers does.
 IMPOSSIBLE = -1.0e9
@@ -64,18 +66,22 @@ class BeamSearchState:
 
     def step(
         self,
-        log_probs: torch.Tensor,
+        candidates: list[BeamCandidates],
         beam_scores: list[float],
         beam_outputs: list[list[int]],
     ) -> BeamDecision:
         """Advance the search by one token.
 
-        log_probs: [num_beams, vocab] (processed) next-token log-probabilities of the live beams;
-        beam_scores: their running sums of log-probabilities; beam_outputs: their generated tokens.
+        candidates: each live beam's best next tokens with their (processed) log-probabilities;
+        beam_scores: the beams' running sums of log-probabilities; beam_outputs: their generated
+        tokens.
         """
-        num_beams, vocab_size = log_probs.shape
-        totals = log_probs.float() + torch.tensor(beam_scores, dtype=torch.float32)[:, None]
-        num_candidates = min(2 * self.width, num_beams * vocab_size)
+        # NOTE: every beam of a request has as many candidates (the same params); the sums are
+        # float32, as transformers ranks, so near-ties break the same way.
+        row_len = len(candidates[0].token_ids)
+        totals = torch.tensor([c.log_probs for c in candidates], dtype=torch.float32)
+        totals += torch.tensor(beam_scores, dtype=torch.float32)[:, None]
+        num_candidates = min(2 * self.width, totals.numel())
         top_scores, top_indices = torch.topk(totals.flatten(), num_candidates)
         generated_len = len(beam_outputs[0]) + 1  # every beam has generated the same number
         reaches_limit = generated_len >= self.max_new_tokens
@@ -85,7 +91,8 @@ class BeamSearchState:
         continuations: list[Continuation] = []
         all_candidates_end = True
         for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_indices.tolist())):
-            parent, token_id = divmod(index, vocab_size)
+            parent, column = divmod(index, row_len)
+            token_id = candidates[parent].token_ids[column]
             ends = reaches_limit or token_id in self.stop_token_ids
             all_candidates_end &= ends
             if not ends:
@@ -128,32 +135,24 @@ class BeamSearchState:
 
 
 def advance_beams(
-    group: SequenceGroup,
-    rows: list[tuple[Sequence, torch.Tensor]],
-    blocks: BlockManager,
-    fork_sequence: Callable[[Sequence], Sequence],
-    tokenizer: PreTrainedTokenizerBase,
+    group: SequenceGroup, rows: list[tuple[Sequence, BeamCandidates]], blocks: BlockManager
 ) -> None:
     """One beam-search step for a request: rank the continuations of its beams (`rows`: each
-    computed beam with its next-token log-probabilities), then fork the beams that continue more
-    than once, drop the ones that do not continue, or finish the request with its best
-    hypotheses."""
+    computed beam with its candidates), then fork the beams that continue more than once, drop
+    the ones that do not continue, or finish the request with its best hypotheses."""
     state = group.beam
     assert state is not None
     beams = [seq for seq, _ in rows]
-    # NOTE: the scheduler gives every beam its next-token row in the same step (see
+    # NOTE: the scheduler gives every beam its candidates in the same step (see
     # Scheduler._plan_beam_recompute); only the shared prompt prefill has a single row.
     assert len(beams) == len(group.live_seqs) or group.shares_prompt_prefill
     decision = state.step(
-        torch.stack([row for _, row in rows]),
+        [candidates for _, candidates in rows],
         [beam.cumulative_logprob for beam in beams],
         [beam.output_token_ids for beam in beams],
     )
     if decision.done:
-        group.beam_results = [
-            _completion(group, index, hypothesis, tokenizer)
-            for index, hypothesis in enumerate(state.finished[: group.params.n])
-        ]
+        group.beam_results = state.finished[: group.params.n]
         for seq in group.live_seqs:
             seq.finish("stop")
         return
@@ -164,7 +163,9 @@ def advance_beams(
     for continuation in decision.continuations:
         parent = beams[continuation.parent]
         if continuation.parent in continuing:
-            children.append((fork_sequence(parent), continuation))
+            child = parent.fork()
+            blocks.fork(parent, child)
+            children.append((child, continuation))
         else:
             continuing.add(continuation.parent)
             children.append((parent, continuation))
@@ -176,28 +177,3 @@ def advance_beams(
             blocks.free(beam)
     # Samples that rode on the shared prompt prefill hold no blocks and are simply dropped.
     group.seqs = [child for child, _ in children]
-
-
-def _completion(
-    group: SequenceGroup, index: int, hypothesis: Hypothesis, tokenizer: PreTrainedTokenizerBase
-) -> CompletionOutput:
-    params = group.params
-    state = group.beam
-    assert state is not None
-    tokens = hypothesis.output_token_ids
-    stopped = tokens[-1] in state.stop_token_ids
-    detokenizer = IncrementalDetokenizer(
-        tokenizer, group.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
-    )
-    shown = tokens if (not stopped or params.include_stop_str_in_output) else tokens[:-1]
-    for token_id in shown:
-        detokenizer.add_token(token_id)
-    return CompletionOutput(
-        index=index,
-        text=detokenizer.output_text(finished=True),
-        token_ids=list(tokens),
-        cumulative_logprob=hypothesis.cumulative_logprob,
-        logprobs=None,
-        finish_reason="stop" if stopped else "length",
-        score=hypothesis.score,
-    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +19,15 @@ from transformers import (
 )
 
 from pagoda.backend.attention import AttentionBackend, get_attention_backend
-from pagoda.backend.beam_search import BeamSearchState, advance_beams
+from pagoda.backend.beam_search import BeamSearchState
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
-from pagoda.backend.model_runner import ModelRunner, StepResult
+from pagoda.backend.model_input import build_model_input
+from pagoda.backend.model_output import ModelOutput
+from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.models import build_model
 from pagoda.backend.models.llama import LlamaForCausalLM
 from pagoda.backend.models.loader import (
@@ -74,18 +75,17 @@ class LLMEngine:
             self.device,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-            self.max_model_len,
+            self.max_model_len, self.eos_token_ids,
         )
-        self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
         self.runner = ModelRunner(
-            self.model, kv_caches, self.block_manager, attention,
-            Sampler(self.eos_token_ids, seed=config.seed), self.device,
+            self.model, kv_caches, attention, Sampler(self.eos_token_ids, seed=config.seed),
+            self.device,
         )
-        self.output_processor = OutputProcessor(self.eos_token_ids, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
-        self._seq_ids = itertools.count()
         # Test hook: called with each scheduled request before every forward; whatever it raises
         # is a failure of the model on that request (see _isolate_failure). None in production,
         # so it costs one attribute check per step.
@@ -224,7 +224,6 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
         return Sequence(
-            seq_id=next(self._seq_ids),
             index=index,
             token_ids=list(prompt_ids),
             num_prompt_tokens=len(prompt_ids),
@@ -239,8 +238,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(group)
         group.abort()
-        group.metrics.finished_time = time.monotonic()
-        return group.to_output()
+        return self._outputs([group])[0]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -249,110 +247,67 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch. Returns an output for every request that produced a token,
-        finished or failed in this step (beam search requests: only when finished)."""
-        plan = self.scheduler.schedule()
+        finished or failed in this step, as its output_kind asks (beam search requests and
+        best_of > n: only when finished)."""
+        scheduler_output = self.scheduler.schedule()
         try:
-            result = self._execute(plan)
+            model_output = self._execute(scheduler_output)
         except Exception as error:  # noqa: BLE001  (any model failure: find whose it is)
-            return self._isolate_failure(plan, error)
-        return self._process(plan, result)
+            return self._isolate_failure(scheduler_output, error)
+        return self._outputs(self.scheduler.update_from_output(scheduler_output, model_output))
 
-    def _execute(self, plan: SchedulerOutput) -> StepResult:
+    def _execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         if self.fault_injector is not None:
-            for item in plan.scheduled:
+            for item in scheduler_output.scheduled:
                 self.fault_injector(item.group)
-        return self.runner.execute(plan.scheduled, plan.block_copies)
+        model_input = build_model_input(scheduler_output, self.block_manager, self.device)
+        return self.runner.execute(model_input)
 
-    def _isolate_failure(self, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+    def _outputs(self, groups: list[SequenceGroup]) -> list[RequestOutput]:
+        for group in groups:
+            if group.is_finished:
+                self.requests.pop(group.request_id, None)
+        return self.output_processor.outputs(groups)
+
+    def _isolate_failure(
+        self, scheduler_output: SchedulerOutput, error: Exception
+    ) -> list[RequestOutput]:
         """A step raised: fail only the request(s) it fails on, and let the others go on.
 
         The failed step may have written part of the KV cache and used up its block copies, so
         every request in it is recomputed from its tokens (as after a preemption); each then runs
         one step alone, and those that raise alone fail with their error."""
-        groups = list({id(item.group): item.group for item in plan.scheduled}.values())
+        groups = list({id(item.group): item.group for item in scheduler_output.scheduled}.values())
         logger.exception("a step of %d requests failed; retrying them one by one", len(groups),
                          exc_info=error)
         self.scheduler.requeue(groups)
-        outputs = self._process(SchedulerOutput(failed=plan.failed), StepResult())
+        touched = self.scheduler.update_from_output(
+            SchedulerOutput(failed=scheduler_output.failed), ModelOutput()
+        )
         if len(groups) == 1:
             self._fail_in_model(groups[0], error)
-            return [*outputs, groups[0].to_output()]
+            return self._outputs([*touched, groups[0]])
         for group in groups:
             alone = self.scheduler.schedule_alone(group)
             if not alone.scheduled:  # no room beside the others now: it runs when there is
-                outputs.extend(self._process(alone, StepResult()))
+                touched.extend(self.scheduler.update_from_output(alone, ModelOutput()))
                 continue
             try:
-                result = self._execute(alone)
+                model_output = self._execute(alone)
             except Exception as group_error:  # noqa: BLE001
                 # Its blocks may have been written by the failed attempt: never reuse them.
                 self.scheduler.requeue([group])
                 self._fail_in_model(group, group_error)
-                outputs.append(group.to_output())
+                touched.append(group)
                 continue
-            outputs.extend(self._process(alone, result))
-        return outputs
+            touched.extend(self.scheduler.update_from_output(alone, model_output))
+        return self._outputs(touched)
 
     def _fail_in_model(self, group: SequenceGroup, error: Exception) -> None:
         logger.error("request %s failed inside the model: %r", group.request_id, error)
         self.scheduler.finish(group)
         group.fail(f"the model failed on this request: {type(error).__name__}: {error}",
                    internal=True)
-        group.metrics.finished_time = time.monotonic()
-        self.requests.pop(group.request_id, None)
-
-    def _process(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        touched: dict[str, SequenceGroup] = {group.request_id: group for group in plan.failed}
-        now = time.monotonic()
-        beam_rows: dict[str, list[tuple[Sequence, torch.Tensor]]] = {}
-        for index, item in enumerate(plan.scheduled):
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(item.seq)
-            if index in result.beam_log_probs:
-                beam_rows.setdefault(item.group.request_id, []).append(
-                    (item.seq, result.beam_log_probs[index])
-                )
-            if index not in result.samples:
-                continue
-            for follower in item.followers:
-                self.block_manager.fork(item.seq, follower)
-                follower.num_computed_tokens = item.seq.num_computed_tokens
-            for seq, token in zip([item.seq, *item.followers], result.samples[index]):
-                self.output_processor.append_token(item.group, seq, token)
-                if seq.is_finished:
-                    # Its siblings may run on; its blocks are not needed any more.
-                    self.block_manager.free(seq)
-            touched[item.group.request_id] = item.group
-        for request_id, rows in beam_rows.items():
-            group = self.requests[request_id]
-            advance_beams(group, rows, self.block_manager, self._fork_sequence, self.tokenizer)
-            if group.is_finished:
-                touched[request_id] = group
-        outputs = []
-        for request_id, group in touched.items():
-            if group.metrics.first_token_time is None and any(s.num_output_tokens for s in group.seqs):
-                group.metrics.first_token_time = now
-            if group.is_finished:
-                self.scheduler.finish(group)
-                self.requests.pop(request_id, None)
-                group.metrics.finished_time = time.monotonic()
-            outputs.append(group.to_output())
-        return outputs
-
-    def _fork_sequence(self, parent: Sequence) -> Sequence:
-        """A new beam continuing `parent`: same tokens and (shared) KV blocks."""
-        child = Sequence(
-            seq_id=next(self._seq_ids),
-            index=parent.index,
-            token_ids=list(parent.token_ids),
-            num_prompt_tokens=parent.num_prompt_tokens,
-            seed=parent.seed,
-            detokenizer=None,
-            num_computed_tokens=parent.num_computed_tokens,
-            cumulative_logprob=parent.cumulative_logprob,
-        )
-        self.block_manager.fork(parent, child)
-        return child
 
     def kv_stats(self) -> KVStats:
         return self.block_manager.stats(self.scheduler.live_sequences())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.outputs import RequestOutput
-from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, Any]
 
@@ -69,7 +70,9 @@ class LLM:
         try:
             for index, (prompt, params) in enumerate(zip(prompts, params_list)):
                 request_id = str(next(self._request_ids))
-                self.engine.add_request(request_id, prompt, params)
+                # Only the final outputs are returned: the engine need not build the others.
+                final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                self.engine.add_request(request_id, prompt, final_only)
                 order[request_id] = index
         except ValueError:
             for request_id in order:

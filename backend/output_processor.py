@@ -1,46 +1,141 @@
-"""Applies a sampled token to its sequence: logprobs, detokenization and the stop checks."""
+"""Output processing: the groups a step touched -> RequestOutputs, as each request asked for them.
+
+A request's `output_kind` decides what its outputs hold: everything so far (CUMULATIVE), only
+what is new since its previous output (DELTA: computed here once, so adapters stream what they
+receive), or nothing until it finishes (FINAL_ONLY). Beam search hypotheses become completions
+with their text here, once the search is done. Request metrics get their timestamps here too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from dataclasses import dataclass
 
-from pagoda.backend.outputs import Logprob
-from pagoda.backend.sampler import SampledToken
+from transformers import PreTrainedTokenizerBase
+
+from pagoda.backend.beam_search import Hypothesis
+from pagoda.backend.detokenizer import IncrementalDetokenizer
+from pagoda.backend.outputs import CompletionOutput, RequestOutput
+from pagoda.backend.sampling_params import RequestOutputKind
 from pagoda.backend.sequence import Sequence, SequenceGroup
 
 
+@dataclass(slots=True)
+class _Sent:
+    """How much of one sequence a DELTA request has been sent."""
+
+    num_tokens: int = 0
+    num_chars: int = 0
+
+
 class OutputProcessor:
-    def __init__(self, eos_token_ids: Iterable[int], max_model_len: int) -> None:
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_model_len = max_model_len
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        # DELTA requests: what each of their sequences has been sent, by request id and seq id.
+        self._sent: dict[str, dict[int, _Sent]] = {}
 
-    def append_token(self, group: SequenceGroup, seq: Sequence, token: SampledToken) -> None:
-        token_id = token.token_id
-        seq.token_ids.append(token_id)
-        seq.cumulative_logprob += token.logprob
-        if group.want_logprobs:
-            step = {top_id: Logprob(logprob, rank) for rank, (top_id, logprob) in
-                    enumerate(token.top_logprobs, start=1)}
-            step[token_id] = Logprob(token.logprob, token.rank)
-            seq.logprobs.append(step)
-        self._check_stop(group, seq, token_id)
+    def outputs(self, groups: list[SequenceGroup]) -> list[RequestOutput]:
+        """The outputs due for `groups` (those a step touched, or aborted), in order."""
+        now = time.monotonic()
+        outputs = []
+        for group in groups:
+            metrics = group.metrics
+            if metrics.first_token_time is None and any(s.num_output_tokens for s in group.seqs):
+                metrics.first_token_time = now
+            if group.is_finished and metrics.finished_time is None:
+                metrics.finished_time = now
+            output = self.output(group)
+            if output is not None:
+                outputs.append(output)
+        return outputs
 
-    def _check_stop(self, group: SequenceGroup, seq: Sequence, token_id: int) -> None:
+    def output(self, group: SequenceGroup) -> RequestOutput | None:
+        """The group's output now; None when it has nothing to report yet (FINAL_ONLY while
+        running, and samples beyond n or beams whose winners are known only at the end)."""
+        kind = group.params.output_kind
+        finished = group.is_finished
+        if not finished and (kind is RequestOutputKind.FINAL_ONLY or not _streams_partial(group)):
+            return None
+        delta = kind is RequestOutputKind.DELTA
+        if group.beam_results is not None:
+            completions = [self._beam_completion(group, index, hypothesis)
+                           for index, hypothesis in enumerate(group.beam_results)]
+        else:
+            completions = [self._completion(group, seq, delta) for seq in _reported_seqs(group)]
+            if finished and group.params.num_sequences > group.params.n:
+                for rank, completion in enumerate(completions):
+                    completion.index = rank  # best_of: the winners, renumbered best first
+        if finished:
+            self._sent.pop(group.request_id, None)
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=group.metrics,
+            error=group.error,
+            internal_error=group.internal_error,
+            delta=delta,
+        )
+
+    def _completion(self, group: SequenceGroup, seq: Sequence, delta: bool) -> CompletionOutput:
+        text = seq.detokenizer.output_text(finished=seq.is_finished) if seq.detokenizer else ""
+        token_ids = seq.output_token_ids
+        logprobs = seq.logprobs if group.want_logprobs else None
+        if delta:
+            sent = self._sent.setdefault(group.request_id, {}).setdefault(seq.seq_id, _Sent())
+            text, token_ids = text[sent.num_chars:], token_ids[sent.num_tokens:]
+            if logprobs is not None:
+                logprobs = logprobs[sent.num_tokens:]
+            sent.num_chars += len(text)
+            sent.num_tokens += len(token_ids)
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=list(token_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=list(logprobs) if logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+    def _beam_completion(
+        self, group: SequenceGroup, index: int, hypothesis: Hypothesis
+    ) -> CompletionOutput:
         params = group.params
-        # NOTE: the sampler masks eos and stop tokens until min_tokens are out, so any seen here
-        # may end the sequence.
-        if token_id in params.stop_token_ids or (
-            token_id in self.eos_token_ids and not params.ignore_eos
-        ):
-            if params.include_stop_str_in_output:
-                seq.detokenizer.add_token(token_id)
-            stop_reason = None if token_id in self.eos_token_ids else token_id
-            seq.finish("stop", stop_reason)
-            return
-        stop_string = seq.detokenizer.add_token(token_id)
-        if stop_string is not None:
-            seq.finish("stop", stop_string)
-        elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or len(
-            seq.token_ids
-        ) >= self.max_model_len:
-            seq.finish("length")
+        assert group.beam is not None
+        tokens = hypothesis.output_token_ids
+        stopped = tokens[-1] in group.beam.stop_token_ids
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, group.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+        )
+        shown = tokens if (not stopped or params.include_stop_str_in_output) else tokens[:-1]
+        for token_id in shown:
+            detokenizer.add_token(token_id)
+        return CompletionOutput(
+            index=index,
+            text=detokenizer.output_text(finished=True),
+            token_ids=list(tokens),
+            cumulative_logprob=hypothesis.cumulative_logprob,
+            logprobs=None,
+            finish_reason="stop" if stopped else "length",
+            score=hypothesis.score,
+        )
+
+
+def _streams_partial(group: SequenceGroup) -> bool:
+    """Whether a running group's outputs mean anything before it finishes: not for beam search
+    (beams change course) nor for best_of > n (the winners are known only at the end)."""
+    params = group.params
+    return not params.use_beam_search and params.num_sequences == params.n
+
+
+def _reported_seqs(group: SequenceGroup) -> list[Sequence]:
+    """The sequences a finished or running group reports on: with best_of > n, once finished,
+    the n with the highest cumulative logprob, best first."""
+    params = group.params
+    if not group.is_finished or params.num_sequences == params.n or group.beam is not None:
+        return list(group.seqs)
+    ranked = sorted(group.seqs, key=lambda seq: seq.cumulative_logprob, reverse=True)
+    return ranked[: params.n]

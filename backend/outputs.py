@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -34,6 +35,16 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, newer: CompletionOutput) -> CompletionOutput:
+        """This delta followed by the `newer` delta of the same completion, as one delta."""
+        logprobs = None
+        if self.logprobs is not None and newer.logprobs is not None:
+            logprobs = self.logprobs + newer.logprobs
+        return dataclasses.replace(
+            newer, text=self.text + newer.text, token_ids=self.token_ids + newer.token_ids,
+            logprobs=logprobs,
+        )
+
 
 @dataclass(slots=True)
 class RequestMetrics:
@@ -45,6 +56,10 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class RequestOutput:
+    """One request's state after a step. With RequestOutputKind.DELTA, each completion holds only
+    what is new since the request's previous output (text, token_ids, logprobs); otherwise all
+    of it. cumulative_logprob, finish_reason and the metrics are always current."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -55,3 +70,15 @@ class RequestOutput:
     # The model raised while computing this request (a server fault), as opposed to a request
     # the engine cannot serve (too large for the KV cache).
     internal_error: bool = False
+    delta: bool = False  # the completions hold only what is new (RequestOutputKind.DELTA)
+
+    def add(self, newer: RequestOutput) -> RequestOutput:
+        """This output followed by `newer` (of the same request) as one: what a consumer that
+        read neither would want. Deltas are concatenated; otherwise the newer one replaces it."""
+        if not newer.delta:
+            return newer
+        merged = {completion.index: completion for completion in self.outputs}
+        for completion in newer.outputs:
+            older = merged.get(completion.index)
+            merged[completion.index] = completion if older is None else older.add(completion)
+        return dataclasses.replace(newer, outputs=sorted(merged.values(), key=lambda c: c.index))

@@ -1,4 +1,6 @@
-"""Batch sampler: turns one step's last-token logits into one token per sequence.
+"""Batch sampler: turns one step's last-token logits into each sequence's next token, or for beam
+search into each beam's best candidates (the sampler's beam mode, so nothing else in a step
+branches on beam search).
 
 Contract: every operation is row-wise, so a row's token depends only on its own logits, its
 SamplingRow and (for unseeded rows) the sampler's shared generator, never on its neighbours in
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.sampling_params import SamplingParams
 
 
@@ -24,20 +27,11 @@ from pagoda.backend.sampling_params import SamplingParams
 class SamplingRow:
     """One sequence's row in the batch's logits."""
 
+    seq_id: int
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far by this sequence
     seed: int | None  # effective seed of this sequence (None: the sampler's shared generator)
-
-
-@dataclass(slots=True)
-class SampledToken:
-    """The token chosen for one row, with its log-probability under the raw logits."""
-
-    token_id: int
-    logprob: float  # raw float32 log_softmax of the chosen token, always filled
-    rank: int  # 1-based rank under the raw distribution; 0 when params.logprobs is None
-    top_logprobs: list[tuple[int, float]]  # params.logprobs best (token_id, logprob), best first
 
 
 class Sampler:
@@ -52,13 +46,29 @@ class Sampler:
         # the device it draws on, and the logits' device is only known per call.
         self._shared_generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> ModelOutput:
         """logits: [len(rows), vocab], any float dtype and device; left unchanged.
-        Returns one SampledToken per row, in order."""
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(
-                f"logits must have shape [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}"
-            )
+        Returns each row's token (beam search rows: its candidates) under the row's seq_id."""
+        _check_shape(logits, rows)
+        output = ModelOutput()
+        beam = [i for i, row in enumerate(rows) if row.params.use_beam_search]
+        if beam:
+            beam_rows = [rows[i] for i in beam]
+            candidates = self.beam_candidates(logits[torch.tensor(beam, device=logits.device)],
+                                              beam_rows)
+            output.beam_candidates = {row.seq_id: c for row, c in zip(beam_rows, candidates)}
+        if len(beam) < len(rows):
+            sampled = [i for i, row in enumerate(rows) if not row.params.use_beam_search]
+            if beam:
+                logits = logits[torch.tensor(sampled, device=logits.device)]
+                rows = [rows[i] for i in sampled]
+            tokens = self.sample(logits, rows)
+            output.tokens = {row.seq_id: [token] for row, token in zip(rows, tokens)}
+        return output
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+        """One token per row, in order (no beam search rows)."""
+        _check_shape(logits, rows)
         if not rows:
             return []
         raw_logits = logits.float()
@@ -68,6 +78,20 @@ class Sampler:
         else:
             token_ids = self._choose_tokens(self.process_logits(logits, rows), rows)
         return _sampled_tokens(raw_logprobs, token_ids, rows)
+
+    def beam_candidates(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> list[BeamCandidates]:
+        """Each beam's best 2 x width next tokens by processed log-probability: the logits
+        processing is applied to log-probabilities, as transformers' beam search does."""
+        log_probs = self.process_logits(torch.log_softmax(logits.float(), dim=-1), rows)
+        width = max(row.params.num_sequences for row in rows)
+        top_values, top_ids = log_probs.topk(min(2 * width, log_probs.shape[-1]), dim=-1)
+        candidates = []
+        for row, ids, values in zip(rows, top_ids.tolist(), top_values.tolist()):
+            count = 2 * row.params.num_sequences
+            candidates.append(BeamCandidates(ids[:count], values[:count]))
+        return candidates
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Returns a new float32 tensor: logits with logit_bias, min_tokens and the repetition,
@@ -148,6 +172,13 @@ class Sampler:
                 generator.manual_seed(self.seed)
             self._shared_generators[device] = generator
         return generator
+
+
+def _check_shape(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(
+            f"logits must have shape [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}"
+        )
 
 
 def _needs_processing(row: SamplingRow) -> bool:

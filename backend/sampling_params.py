@@ -6,12 +6,21 @@ turn it into its own protocol's error without re-checking anything.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
 # Above this, a temperature is treated as greedy: dividing logits by it would only amplify
 # rounding noise (the same cut-off vLLM uses).
 GREEDY_TEMPERATURE = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each of a request's outputs holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything generated so far, every time
+    DELTA = 1  # only what is new since the previous output
+    FINAL_ONLY = 2  # nothing until the request finishes, then everything
 
 
 @dataclass(slots=True)
@@ -39,6 +48,7 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -5,6 +5,11 @@ requests first (oldest first), then waiting ones (first come, first served), unt
 token budget (`max_num_batched_tokens`) or `max_num_seqs` is used up. A long prompt is therefore
 prefilled in chunks alongside other requests' decodes.
 
+`update_from_output` applies a step's results: it advances each sequence's computed tokens,
+publishes full blocks to the prefix cache, forks the samples that shared a prefill, appends the
+sampled tokens (with the stop checks), advances beam search, and frees what finished. All
+per-step state changes happen here, between one schedule() and the next.
+
 When the KV pool runs dry, the most recently arrived running request is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed from its prompt and the tokens
 it had generated (so it resumes with the same output). A group of samples or beams recomputes
@@ -16,10 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pagoda.backend.beam_search import advance_beams
 from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.model_output import BeamCandidates, ModelOutput
 from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
+from pagoda.backend.stop_checker import StopChecker
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +79,11 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        eos_token_ids: Iterable[int] = (),
         growth_ratio_after_preemption: float = GROWTH_RATIO_AFTER_PREEMPTION,
     ) -> None:
         self.blocks = block_manager
+        self.stop_checker = StopChecker(eos_token_ids, max_model_len)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -116,6 +127,47 @@ class Scheduler:
             self._admit_waiting(output, budget)
         output.block_copies = self.blocks.take_block_copies()
         return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_output: ModelOutput
+    ) -> list[SequenceGroup]:
+        """Apply the results of the step `scheduler_output` planned. Returns the groups to report
+        on, each once: those that drew tokens, failed, or finished (a beam search group only
+        once it finishes: its beams can still change course)."""
+        touched: dict[str, SequenceGroup] = {g.request_id: g for g in scheduler_output.failed}
+        beams: dict[str, tuple[SequenceGroup, list[tuple[Sequence, BeamCandidates]]]] = {}
+        for item in scheduler_output.scheduled:
+            seq, group = item.seq, item.group
+            seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.cache_computed_blocks(seq)
+            candidates = model_output.beam_candidates.get(seq.seq_id)
+            if candidates is not None:
+                beams.setdefault(group.request_id, (group, []))[1].append((seq, candidates))
+            elif seq.seq_id in model_output.tokens:
+                self._append_tokens(item, model_output)
+                touched[group.request_id] = group
+        for group, rows in beams.values():
+            advance_beams(group, rows, self.blocks)
+            if group.is_finished:
+                touched[group.request_id] = group
+        for group in touched.values():
+            if group.is_finished:
+                self.finish(group)
+        return list(touched.values())
+
+    def _append_tokens(self, item: ScheduledSequence, model_output: ModelOutput) -> None:
+        """The sequence's accepted tokens, and its followers' once they fork its prefill."""
+        lead = item.seq
+        for follower in item.followers:
+            self.blocks.fork(lead, follower)
+            follower.num_computed_tokens = lead.num_computed_tokens
+        for seq in (lead, *item.followers):
+            for token in model_output.tokens[seq.seq_id]:
+                self.stop_checker.append_token(item.group, seq, token)
+                if seq.is_finished:
+                    # Its siblings may run on; its blocks are not needed any more.
+                    self.blocks.free(seq)
+                    break
 
     def _plan(self, group: SequenceGroup, budget: int) -> list[ScheduledSequence]:
         """Each live sequence's next chunk within the budget, or [] when the group cannot get at

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagoda.backend.detokenizer import IncrementalDetokenizer
-from pagoda.backend.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagoda.backend.outputs import Logprob, RequestMetrics
 from pagoda.backend.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from pagoda.backend.beam_search import BeamSearchState
+    from pagoda.backend.beam_search import BeamSearchState, Hypothesis
+
+# NOTE: one counter for the process, so sequences forked anywhere (beam search in the scheduler)
+# never collide with those a request starts with.
+_seq_ids = itertools.count()
 
 
 class GroupStatus(enum.Enum):
@@ -23,7 +28,6 @@ class GroupStatus(enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class Sequence:
-    seq_id: int
     index: int  # position among the request's samples
     token_ids: list[int]  # prompt followed by the generated tokens
     num_prompt_tokens: int
@@ -35,6 +39,7 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids), kw_only=True)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -60,6 +65,19 @@ class Sequence:
         """After preemption: all K/V is gone; prompt and generated tokens are fed again."""
         self.num_computed_tokens = 0
 
+    def fork(self) -> Sequence:
+        """A new beam continuing this one: a new id with the same tokens and state (the caller
+        forks its KV blocks). Beams carry no detokenizer: their text is made once they finish."""
+        return Sequence(
+            index=self.index,
+            token_ids=list(self.token_ids),
+            num_prompt_tokens=self.num_prompt_tokens,
+            seed=self.seed,
+            detokenizer=None,
+            num_computed_tokens=self.num_computed_tokens,
+            cumulative_logprob=self.cumulative_logprob,
+        )
+
 
 @dataclass(eq=False)
 class SequenceGroup:
@@ -74,7 +92,7 @@ class SequenceGroup:
     internal_error: bool = False  # see RequestOutput.internal_error
     want_logprobs: bool = False
     beam: BeamSearchState | None = None
-    beam_results: list[CompletionOutput] | None = None  # the best hypotheses, once finished
+    beam_results: list[Hypothesis] | None = None  # the best hypotheses, once finished
 
     @property
     def arrival_time(self) -> float:
@@ -116,41 +134,6 @@ class SequenceGroup:
     def abort(self) -> None:
         for seq in self.live_seqs:
             seq.finish("abort")
-
-    def to_output(self) -> RequestOutput:
-        finished = self.is_finished
-        if self.beam_results is not None:
-            completions = self.beam_results
-        else:
-            completions = [self._completion(seq) for seq in self.seqs]
-        if finished and len(completions) > self.params.n and self.beam is None:
-            # best_of: the n samples with the highest cumulative logprob, best first.
-            completions.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
-            completions = completions[: self.params.n]
-            for index, completion in enumerate(completions):
-                completion.index = index
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=completions,
-            finished=finished,
-            metrics=self.metrics,
-            error=self.error,
-            internal_error=self.internal_error,
-        )
-
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        text = seq.detokenizer.output_text(finished=seq.is_finished) if seq.detokenizer else ""
-        return CompletionOutput(
-            index=seq.index,
-            text=text,
-            token_ids=list(seq.output_token_ids),
-            cumulative_logprob=seq.cumulative_logprob,
-            logprobs=list(seq.logprobs) if self.want_logprobs else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
 
 
 def sample_seed(request_seed: int | None, sample_index: int) -> int | None:

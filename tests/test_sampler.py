@@ -20,7 +20,7 @@ def make_row(
     seed: int | None = None,
     **params: object,
 ) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), prompt or [1], output or [], seed)
+    return SamplingRow(0, SamplingParams(**params), prompt or [1], output or [], seed)
 
 
 def draw(
@@ -31,7 +31,7 @@ def draw(
     sampler = sampler or Sampler([EOS], seed=0)
     rows = [make_row(**params) for _ in range(num_draws)]
     batch = logits.unsqueeze(0).expand(num_draws, -1)
-    return torch.tensor([sampled.token_id for sampled in sampler(batch, rows)])
+    return torch.tensor([sampled.token_id for sampled in sampler.sample(batch, rows)])
 
 
 def seeded_token(
@@ -43,7 +43,7 @@ def seeded_token(
     rows[position] = make_row(seed=seed, output=[5] * step)
     batch = torch.randn(batch_size, logits.shape[-1])
     batch[position] = logits
-    return sampler(batch, rows)[position].token_id
+    return sampler.sample(batch, rows)[position].token_id
 
 
 # --- greedy and logprobs ---------------------------------------------------------------------
@@ -52,7 +52,7 @@ def seeded_token(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_greedy_is_argmax_with_raw_logprob(dtype: torch.dtype) -> None:
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
-    sampled = Sampler([EOS])(logits, [make_row(temperature=0.0) for _ in range(6)])
+    sampled = Sampler([EOS]).sample(logits, [make_row(temperature=0.0) for _ in range(6)])
     expected = torch.log_softmax(logits.float(), dim=-1)
     for row, token in enumerate(sampled):
         assert token.token_id == int(logits[row].float().argmax())
@@ -69,14 +69,14 @@ def test_greedy_and_random_rows_in_one_batch() -> None:
         for i in range(6)
     ]
     sampler = Sampler([EOS])
-    mixed = sampler(logits, rows)
+    mixed = sampler.sample(logits, rows)
     for i, token in enumerate(mixed):
         top_two = set(logits[i].topk(2).indices.tolist())
         if i in greedy:
             assert token.token_id == int(logits[i].argmax())
         else:
             assert token.token_id in top_two
-            alone = sampler(logits[i : i + 1], [rows[i]])[0]
+            alone = sampler.sample(logits[i : i + 1], [rows[i]])[0]
             assert token.token_id == alone.token_id
 
 
@@ -86,7 +86,7 @@ def test_rank_and_top_logprobs(num_logprobs: int, temperature: float) -> None:
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3))
     rows = [make_row(temperature=temperature, logprobs=num_logprobs) for _ in range(4)]
     raw = torch.log_softmax(logits, dim=-1)
-    for i, token in enumerate(Sampler([EOS], seed=0)(logits, rows)):
+    for i, token in enumerate(Sampler([EOS], seed=0).sample(logits, rows)):
         order = raw[i].argsort(descending=True).tolist()
         assert token.rank == order.index(token.token_id) + 1
         assert token.logprob == pytest.approx(float(raw[i, token.token_id]), abs=1e-6)
@@ -98,7 +98,7 @@ def test_rank_and_top_logprobs(num_logprobs: int, temperature: float) -> None:
 def test_logprobs_are_raw_despite_processing() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     row = make_row(temperature=0.0, logit_bias={3: 50.0}, logprobs=2)
-    token = Sampler([EOS])(logits, [row])[0]
+    token = Sampler([EOS]).sample(logits, [row])[0]
     raw = torch.log_softmax(logits[0], dim=-1)
     assert token.token_id == 3
     assert token.logprob == pytest.approx(float(raw[3]), abs=1e-6)
@@ -114,13 +114,13 @@ def test_input_logits_left_unchanged() -> None:
         make_row(temperature=0.8, top_p=0.5, min_p=0.1, logit_bias={4: 3.0}),
         make_row(temperature=1.0, frequency_penalty=1.0, output=[7, 7], min_tokens=5),
     ]
-    Sampler([EOS], seed=0)(logits, rows)
+    Sampler([EOS], seed=0).sample(logits, rows)
     assert torch.equal(logits, before)
 
 
 def test_wrong_batch_shape_is_rejected() -> None:
     with pytest.raises(ValueError, match="len\\(rows\\)=2"):
-        Sampler([EOS])(torch.zeros(3, 10), [make_row(), make_row()])
+        Sampler([EOS]).sample(torch.zeros(3, 10), [make_row(), make_row()])
 
 
 # --- seeds -----------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_seeded_rows_never_emit_excluded_tokens() -> None:
     logits = probs_to_logits([0.3, 0.3, 0.2, 0.1, 0.1])
     sampler = Sampler([EOS])
     rows = [make_row(seed=seed, top_k=2) for seed in range(500)]
-    tokens = {token.token_id for token in sampler(logits.expand(500, -1), rows)}
+    tokens = {token.token_id for token in sampler.sample(logits.expand(500, -1), rows)}
     assert tokens == {0, 1}
 
 
@@ -240,7 +240,7 @@ def test_temperature_sampling_matches_softmax(seeded: bool) -> None:
     rows = [
         make_row(temperature=temperature, seed=i if seeded else None) for i in range(num_draws)
     ]
-    sampled = Sampler([EOS], seed=0)(logits.expand(num_draws, -1), rows)
+    sampled = Sampler([EOS], seed=0).sample(logits.expand(num_draws, -1), rows)
     observed = torch.bincount(torch.tensor([t.token_id for t in sampled]), minlength=6).double()
     expected = num_draws * torch.softmax(logits.double() / temperature, dim=-1)
     assert chi_square(observed, expected) < CHI_SQUARE_CRITICAL_DF5_P001
@@ -276,19 +276,19 @@ def test_min_tokens_masks_eos_and_stop_tokens_until_reached() -> None:
 
     def greedy(num_output: int) -> int:
         row = make_row(temperature=0.0, min_tokens=3, stop_token_ids=[1], output=[2] * num_output)
-        return sampler(logits, [row])[0].token_id
+        return sampler.sample(logits, [row])[0].token_id
 
     assert [greedy(n) for n in range(4)] == [2, 2, 2, 0]
     rows = [make_row(min_tokens=3, stop_token_ids=[1], output=[2, 2]) for _ in range(2000)]
-    sampled = {token.token_id for token in sampler(logits.expand(2000, -1), rows)}
+    sampled = {token.token_id for token in sampler.sample(logits.expand(2000, -1), rows)}
     assert sampled == {2, 3}  # 0 and 4 are eos, 1 is a stop token
 
 
 def test_logit_bias_shifts_choice() -> None:
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     sampler = Sampler([EOS])
-    assert sampler(logits, [make_row(temperature=0.0, logit_bias={3: 3.5})])[0].token_id == 3
-    assert sampler(logits, [make_row(temperature=0.0, logit_bias={0: -1.5})])[0].token_id == 1
+    assert sampler.sample(logits, [make_row(temperature=0.0, logit_bias={3: 3.5})])[0].token_id == 3
+    assert sampler.sample(logits, [make_row(temperature=0.0, logit_bias={0: -1.5})])[0].token_id == 1
     processed = sampler.process_logits(logits, [make_row(logit_bias={1: -0.5, 2: 100.0})])
     assert torch.equal(processed, torch.tensor([[3.0, 1.5, 101.0, 0.0]]))
 

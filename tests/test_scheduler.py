@@ -1,18 +1,19 @@
-"""Scheduler: token budget, chunked prefill, admission, preemption and failure, on a fake engine.
+"""Scheduler: token budget, chunked prefill, admission, preemption and failure.
 
-The fake engine does what LLMEngine.step does around the model: after schedule() it adds each
-scheduled sequence's new tokens to num_computed_tokens, publishes full blocks, and appends a
-token (1000 + its output index) when the step completes the sequence's tokens.
+The real Scheduler and BlockManager run each step as the engine does (schedule, then
+update_from_output); only the model is replaced: every sequence that completes its tokens in a
+step draws token 1000 + its output index.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
 
+from pagoda.backend.beam_search import BeamSearchState
 from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.outputs import RequestMetrics
 from pagoda.backend.sampling_params import SamplingParams
 from pagoda.backend.scheduler import (
@@ -23,8 +24,6 @@ from pagoda.backend.scheduler import (
 )
 from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
 
-_seq_ids = itertools.count()
-
 FIRST_OUTPUT_TOKEN = 1000
 
 
@@ -34,7 +33,6 @@ def make_group(
     prompt = list(range(first_token, first_token + prompt_len))
     seqs = [
         Sequence(
-            seq_id=next(_seq_ids),
             index=index,
             token_ids=list(prompt),
             num_prompt_tokens=prompt_len,
@@ -53,7 +51,21 @@ def make_group(
     )
 
 
-class FakeEngine:
+def model_output_for(output: SchedulerOutput) -> ModelOutput:
+    """What a model would return for the step: every sequence that samples this step (and each
+    follower of its prefill) draws token 1000 + its output index."""
+    tokens = {}
+    for item in output.scheduled:
+        if item.samples_next_token:
+            for seq in (item.seq, *item.followers):
+                tokens[seq.seq_id] = [SampledToken(FIRST_OUTPUT_TOKEN + seq.num_output_tokens,
+                                                   logprob=0.0, rank=0, top_logprobs=[])]
+    return ModelOutput(tokens=tokens)
+
+
+class SchedulerLoop:
+    """The real scheduler and block manager, stepped with hand-made model outputs."""
+
     def __init__(
         self,
         *,
@@ -76,28 +88,9 @@ class FakeEngine:
         output = self.scheduler.schedule()
         assert output.num_batched_tokens <= self.scheduler.max_num_batched_tokens
         assert sum(1 + len(i.followers) for i in output.scheduled) <= self.scheduler.max_num_seqs
-        touched: dict[str, SequenceGroup] = {}
-        for item in output.scheduled:
-            assert item.num_new_tokens > 0
-            completes = item.samples_next_token
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            self.blocks.cache_computed_blocks(seq)
-            if completes:
-                # Samples riding on a shared prompt prefill fork its blocks, as the engine does.
-                for follower in item.followers:
-                    self.blocks.fork(seq, follower)
-                    follower.num_computed_tokens = seq.num_computed_tokens
-                for sample in [seq, *item.followers]:
-                    sample.token_ids.append(FIRST_OUTPUT_TOKEN + sample.num_output_tokens)
-                    if sample.num_output_tokens >= item.group.params.max_tokens:
-                        sample.finish("length")
-                        self.blocks.free(sample)
-            touched[item.group.request_id] = item.group
-        for group in [*touched.values(), *output.failed]:
-            if group.is_finished:
-                self.scheduler.finish(group)
-                self.finished.append(group)
+        assert all(item.num_new_tokens > 0 for item in output.scheduled)
+        touched = self.scheduler.update_from_output(output, model_output_for(output))
+        self.finished.extend(group for group in touched if group.is_finished)
         self.blocks.check_invariants()
         return output
 
@@ -122,171 +115,171 @@ def scheduled(output: SchedulerOutput) -> list[tuple[str, int, int]]:
     ]
 
 
-def table(engine: FakeEngine, group: SequenceGroup, index: int = 0) -> list[int]:
-    return engine.blocks.block_ids(group.seqs[index].seq_id)
+def table(loop: SchedulerLoop, group: SequenceGroup, index: int = 0) -> list[int]:
+    return loop.blocks.block_ids(group.seqs[index].seq_id)
 
 
 # -- token budget and chunked prefill ----------------------------------------------------------
 
 
 def test_long_prompt_is_prefilled_in_budget_sized_chunks() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=16)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=16)
     group = make_group("A", 40, max_tokens=3)
     seq = group.seqs[0]
-    engine.add(group)
+    loop.add(group)
 
-    output = engine.step()
+    output = loop.step()
     assert scheduled(output) == [("A", 0, 16)]
     assert seq.num_computed_tokens == 16 and len(seq.token_ids) == 40
-    assert table(engine, group) == [0, 1, 2, 3]
+    assert table(loop, group) == [0, 1, 2, 3]
     assert group.status is GroupStatus.RUNNING
 
-    assert scheduled(engine.step()) == [("A", 0, 16)]
+    assert scheduled(loop.step()) == [("A", 0, 16)]
     assert seq.num_computed_tokens == 32 and len(seq.token_ids) == 40
-    assert len(table(engine, group)) == 8
+    assert len(table(loop, group)) == 8
 
-    assert scheduled(engine.step()) == [("A", 0, 8)]  # the last chunk completes the prompt
+    assert scheduled(loop.step()) == [("A", 0, 8)]  # the last chunk completes the prompt
     assert seq.num_computed_tokens == 40
     assert seq.output_token_ids == [1000]
-    assert len(table(engine, group)) == 10
+    assert len(table(loop, group)) == 10
 
-    assert scheduled(engine.step()) == [("A", 0, 1)]  # decodes get one token
-    assert len(table(engine, group)) == 11
-    assert scheduled(engine.step()) == [("A", 0, 1)]
+    assert scheduled(loop.step()) == [("A", 0, 1)]  # decodes get one token
+    assert len(table(loop, group)) == 11
+    assert scheduled(loop.step()) == [("A", 0, 1)]
     assert seq.output_token_ids == [1000, 1001, 1002]
     assert seq.finish_reason == "length"
-    assert engine.finished == [group]
+    assert loop.finished == [group]
     assert group.status is GroupStatus.FINISHED
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_samples_next_token_marks_only_the_last_chunk() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=16)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=16)
     group = make_group("A", 20)
-    engine.add(group)
-    first = engine.scheduler.schedule()
+    loop.add(group)
+    first = loop.scheduler.schedule()
     assert [item.samples_next_token for item in first.scheduled] == [False]
     group.seqs[0].num_computed_tokens += 16
-    second = engine.scheduler.schedule()
+    second = loop.scheduler.schedule()
     assert scheduled(second) == [("A", 0, 4)]
     assert [item.samples_next_token for item in second.scheduled] == [True]
 
 
 def test_running_groups_are_scheduled_before_waiting_ones() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=16)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=16)
     first = make_group("A", 6, max_tokens=10)
-    engine.add(first)
-    assert scheduled(engine.step()) == [("A", 0, 6)]
+    loop.add(first)
+    assert scheduled(loop.step()) == [("A", 0, 6)]
 
     second = make_group("B", 30, max_tokens=2, first_token=100)
-    engine.add(second)
+    loop.add(second)
     # A's decode comes first; B's prefill gets what is left of the budget.
-    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 15)]
-    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 15)]
+    assert scheduled(loop.step()) == [("A", 0, 1), ("B", 0, 15)]
+    assert scheduled(loop.step()) == [("A", 0, 1), ("B", 0, 15)]
     assert second.seqs[0].output_token_ids == [1000]
-    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 1)]
+    assert scheduled(loop.step()) == [("A", 0, 1), ("B", 0, 1)]
     assert second.is_finished
-    engine.run_until_done()
+    loop.run_until_done()
     assert first.seqs[0].num_output_tokens == 10
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_waiting_groups_get_nothing_when_running_ones_use_the_budget() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=2)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=2)
     first = make_group("A", 1, n=2, max_tokens=3)
-    engine.add(first)
-    assert scheduled(engine.step()) == [("A", 0, 1)]  # one shared prefill for both samples
+    loop.add(first)
+    assert scheduled(loop.step()) == [("A", 0, 1)]  # one shared prefill for both samples
     second = make_group("B", 1)
-    engine.add(second)
-    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
-    assert list(engine.scheduler.waiting) == [second]
+    loop.add(second)
+    assert scheduled(loop.step()) == [("A", 0, 1), ("A", 1, 1)]
+    assert list(loop.scheduler.waiting) == [second]
     assert second.status is GroupStatus.WAITING
-    assert second.seqs[0].seq_id not in engine.blocks.block_tables
-    engine.run_until_done()
-    engine.check_no_leaks()
+    assert second.seqs[0].seq_id not in loop.blocks.block_tables
+    loop.run_until_done()
+    loop.check_no_leaks()
 
 
 def test_samples_share_the_prompt_prefill_then_copy_the_last_block_on_write() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=64)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=64)
     group = make_group("A", 5, n=3, max_tokens=3)
-    engine.add(group)
-    output = engine.step()
+    loop.add(group)
+    output = loop.step()
     assert scheduled(output) == [("A", 0, 5)]
     assert output.scheduled[0].followers == group.seqs[1:]
     # After the shared prefill every sample holds the same two blocks.
-    assert [table(engine, group, index) for index in range(3)] == [[0, 1]] * 3
-    assert [engine.blocks.pool.blocks[b].ref_count for b in (0, 1)] == [3, 3]
-    output = engine.step()
+    assert [table(loop, group, index) for index in range(3)] == [[0, 1]] * 3
+    assert [loop.blocks.pool.blocks[b].ref_count for b in (0, 1)] == [3, 3]
+    output = loop.step()
     assert scheduled(output) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
     # Writing position 5 lands in shared block 1: the first two samples copy it, the last
     # one (now its only owner) writes in place. Block 0 (full) stays shared.
     assert output.block_copies == [(1, 2), (1, 3)]
-    assert [table(engine, group, index) for index in range(3)] == [[0, 2], [0, 3], [0, 1]]
-    assert engine.blocks.pool.blocks[0].ref_count == 3
-    assert engine.blocks.num_copy_on_write == 2
-    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
+    assert [table(loop, group, index) for index in range(3)] == [[0, 2], [0, 3], [0, 1]]
+    assert loop.blocks.pool.blocks[0].ref_count == 3
+    assert loop.blocks.num_copy_on_write == 2
+    assert scheduled(loop.step()) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
     assert all(seq.output_token_ids == [1000, 1001, 1002] for seq in group.seqs)
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_shared_prefill_is_chunked_by_the_budget() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=4)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=4)
     group = make_group("A", 10, n=2, max_tokens=2)
-    engine.add(group)
-    assert scheduled(engine.step()) == [("A", 0, 4)]
-    assert scheduled(engine.step()) == [("A", 0, 4)]
-    assert scheduled(engine.step()) == [("A", 0, 2)]
-    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
-    engine.run_until_done()
+    loop.add(group)
+    assert scheduled(loop.step()) == [("A", 0, 4)]
+    assert scheduled(loop.step()) == [("A", 0, 4)]
+    assert scheduled(loop.step()) == [("A", 0, 2)]
+    assert scheduled(loop.step()) == [("A", 0, 1), ("A", 1, 1)]
+    loop.run_until_done()
     assert all(seq.num_output_tokens == 2 for seq in group.seqs)
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_multi_sample_prompt_longer_than_the_budget_is_still_scheduled() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_batched_tokens=8)
+    loop = SchedulerLoop(num_blocks=64, max_num_batched_tokens=8)
     group = make_group("A", 8, n=2, max_tokens=2)
     later = make_group("B", 2, max_tokens=1)
-    engine.add(group, later)
-    engine.run_until_done(max_steps=20)
+    loop.add(group, later)
+    loop.run_until_done(max_steps=20)
     assert all(seq.num_output_tokens == 2 for seq in group.seqs)
     assert later.is_finished
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 # -- max_num_seqs ------------------------------------------------------------------------------
 
 
 def test_max_num_seqs_limits_admission() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_seqs=2)
+    loop = SchedulerLoop(num_blocks=64, max_num_seqs=2)
     groups = [make_group(name, 4, max_tokens=2) for name in "ABC"]
-    engine.add(*groups)
-    assert scheduled(engine.step()) == [("A", 0, 4), ("B", 0, 4)]
-    assert list(engine.scheduler.waiting) == [groups[2]]
-    assert scheduled(engine.step()) == [("A", 0, 1), ("B", 0, 1)]
-    assert engine.finished == groups[:2]
-    assert scheduled(engine.step()) == [("C", 0, 4)]
-    engine.run_until_done()
-    engine.check_no_leaks()
+    loop.add(*groups)
+    assert scheduled(loop.step()) == [("A", 0, 4), ("B", 0, 4)]
+    assert list(loop.scheduler.waiting) == [groups[2]]
+    assert scheduled(loop.step()) == [("A", 0, 1), ("B", 0, 1)]
+    assert loop.finished == groups[:2]
+    assert scheduled(loop.step()) == [("C", 0, 4)]
+    loop.run_until_done()
+    loop.check_no_leaks()
 
 
 def test_max_num_seqs_counts_every_sample_of_a_group() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_seqs=3)
+    loop = SchedulerLoop(num_blocks=64, max_num_seqs=3)
     first = make_group("A", 4, n=2, max_tokens=2)
     second = make_group("B", 4, n=2, max_tokens=1)
-    engine.add(first, second)
-    assert scheduled(engine.step()) == [("A", 0, 4)]  # B's two samples would make four
-    assert list(engine.scheduler.waiting) == [second]
-    assert scheduled(engine.step()) == [("A", 0, 1), ("A", 1, 1)]
-    assert scheduled(engine.step()) == [("B", 0, 4)]
-    engine.check_no_leaks()
+    loop.add(first, second)
+    assert scheduled(loop.step()) == [("A", 0, 4)]  # B's two samples would make four
+    assert list(loop.scheduler.waiting) == [second]
+    assert scheduled(loop.step()) == [("A", 0, 1), ("A", 1, 1)]
+    assert scheduled(loop.step()) == [("B", 0, 4)]
+    loop.check_no_leaks()
 
 
 def test_group_with_more_samples_than_max_num_seqs_fails_instead_of_blocking() -> None:
-    engine = FakeEngine(num_blocks=64, max_num_seqs=2)
+    loop = SchedulerLoop(num_blocks=64, max_num_seqs=2)
     too_wide = make_group("A", 4, n=3)
     later = make_group("B", 4, max_tokens=1)
-    engine.add(too_wide, later)
-    output = engine.step()
+    loop.add(too_wide, later)
+    output = loop.step()
     assert output.failed == [too_wide]
     assert too_wide.error is not None
     assert scheduled(output) == [("B", 0, 4)]
@@ -296,118 +289,118 @@ def test_group_with_more_samples_than_max_num_seqs_fails_instead_of_blocking() -
 
 
 def test_the_last_arrived_running_group_is_preempted_and_later_resumes() -> None:
-    engine = FakeEngine(num_blocks=6, max_num_batched_tokens=64)
+    loop = SchedulerLoop(num_blocks=6, max_num_batched_tokens=64)
     first = make_group("A", 8, max_tokens=6)
     second = make_group("B", 8, max_tokens=8, first_token=100)
-    engine.add(first, second)
-    assert scheduled(engine.step()) == [("A", 0, 8), ("B", 0, 8)]
-    assert table(engine, first) == [0, 1] and table(engine, second) == [2, 3]
+    loop.add(first, second)
+    assert scheduled(loop.step()) == [("A", 0, 8), ("B", 0, 8)]
+    assert table(loop, first) == [0, 1] and table(loop, second) == [2, 3]
 
     third = make_group("C", 8, max_tokens=1, first_token=200)
-    engine.add(third)
-    output = engine.step()  # each decode takes a third block: the pool is full
+    loop.add(third)
+    output = loop.step()  # each decode takes a third block: the pool is full
     assert scheduled(output) == [("A", 0, 1), ("B", 0, 1)]
-    assert table(engine, first) == [0, 1, 4] and table(engine, second) == [2, 3, 5]
-    assert engine.blocks.num_free_blocks == 0
-    assert list(engine.scheduler.waiting) == [third]
+    assert table(loop, first) == [0, 1, 4] and table(loop, second) == [2, 3, 5]
+    assert loop.blocks.num_free_blocks == 0
+    assert list(loop.scheduler.waiting) == [third]
 
     for _ in range(3):  # positions 9..11 fit the third blocks
-        output = engine.step()
+        output = loop.step()
         assert scheduled(output) == [("A", 0, 1), ("B", 0, 1)]
         assert output.preempted == []
-    assert engine.scheduler.num_preemptions == 0
+    assert loop.scheduler.num_preemptions == 0
 
     # A's 13th token needs a fourth block: B, the last to arrive, gives its blocks up.
-    output = engine.step()
+    output = loop.step()
     assert output.preempted == [second]
     assert scheduled(output) == [("A", 0, 1)]
-    assert engine.scheduler.num_preemptions == 1
-    assert engine.scheduler.running == []  # A finished in this step
-    assert list(engine.scheduler.waiting) == [second, third]
+    assert loop.scheduler.num_preemptions == 1
+    assert loop.scheduler.running == []  # A finished in this step
+    assert list(loop.scheduler.waiting) == [second, third]
     assert second.status is GroupStatus.WAITING
     b_seq = second.seqs[0]
     assert b_seq.num_computed_tokens == 0
-    assert b_seq.seq_id not in engine.blocks.block_tables
+    assert b_seq.seq_id not in loop.blocks.block_tables
     assert b_seq.output_token_ids == [1000, 1001, 1002, 1003, 1004]  # kept for recompute
     assert first.seqs[0].output_token_ids == list(range(1000, 1006))
     # B's blocks went back last first, A took the head; then A finished and freed its own.
-    assert [block.block_id for block in engine.blocks.pool.free_queue] == [3, 2, 5, 4, 1, 0]
+    assert [block.block_id for block in loop.blocks.pool.free_queue] == [3, 2, 5, 4, 1, 0]
 
     # No admission in a step that preempted; the next step recomputes B ahead of C.
-    output = engine.step()
+    output = loop.step()
     assert scheduled(output) == [("B", 0, 13), ("C", 0, 8)]
-    assert table(engine, second) == [3, 2, 5, 4]
+    assert table(loop, second) == [3, 2, 5, 4]
     assert b_seq.output_token_ids == list(range(1000, 1006))
 
-    engine.run_until_done()
+    loop.run_until_done()
     assert b_seq.output_token_ids == list(range(1000, 1008))
     assert third.seqs[0].output_token_ids == [1000]
-    assert engine.scheduler.num_preemptions == 1
-    engine.check_no_leaks()
+    assert loop.scheduler.num_preemptions == 1
+    loop.check_no_leaks()
 
 
 def test_no_admission_in_a_step_that_preempts() -> None:
-    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
+    loop = SchedulerLoop(num_blocks=4, max_num_batched_tokens=64)
     first = make_group("A", 4, max_tokens=8)
     second = make_group("B", 4, max_tokens=8, first_token=100)
-    engine.add(first, second)
-    engine.step()
-    engine.step()  # both take a second block
+    loop.add(first, second)
+    loop.step()
+    loop.step()  # both take a second block
     tiny = make_group("C", 1, max_tokens=1, first_token=200)
-    engine.add(tiny)
+    loop.add(tiny)
     for _ in range(3):
-        output = engine.step()
+        output = loop.step()
     assert output.preempted == []
-    output = engine.step()  # A needs a third block: B is preempted
+    output = loop.step()  # A needs a third block: B is preempted
     assert output.preempted == [second]
     assert scheduled(output) == [("A", 0, 1)]
     # C would fit in B's freed blocks, but waits behind B.
-    assert list(engine.scheduler.waiting) == [second, tiny]
-    engine.run_until_done()
-    engine.check_no_leaks()
+    assert list(loop.scheduler.waiting) == [second, tiny]
+    loop.run_until_done()
+    loop.check_no_leaks()
 
 
 def test_preempting_several_groups_keeps_the_waiting_queue_in_arrival_order() -> None:
-    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
+    loop = SchedulerLoop(num_blocks=4, max_num_batched_tokens=64)
     first = make_group("A", 4, n=3, max_tokens=3)
     second = make_group("B", 4, max_tokens=3, first_token=100)
     third = make_group("C", 4, max_tokens=3, first_token=200)
-    engine.add(first, second, third)
-    assert scheduled(engine.step()) == [("A", 0, 4), ("B", 0, 4), ("C", 0, 4)]
-    assert engine.blocks.num_free_blocks == 1
+    loop.add(first, second, third)
+    assert scheduled(loop.step()) == [("A", 0, 4), ("B", 0, 4), ("C", 0, 4)]
+    assert loop.blocks.num_free_blocks == 1
 
     # A's three samples each need a second block (one free): C, then B, are preempted.
-    output = engine.step()
+    output = loop.step()
     assert output.preempted == [third, second]
     assert scheduled(output) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
-    assert list(engine.scheduler.waiting) == [second, third]
-    assert engine.scheduler.num_preemptions == 2
+    assert list(loop.scheduler.waiting) == [second, third]
+    assert loop.scheduler.num_preemptions == 2
 
-    output = engine.step()  # B and C still do not fit
+    output = loop.step()  # B and C still do not fit
     assert scheduled(output) == [("A", 0, 1), ("A", 1, 1), ("A", 2, 1)]
     assert first.is_finished
 
-    output = engine.step()
+    output = loop.step()
     assert scheduled(output) == [("B", 0, 5), ("C", 0, 5)]
-    engine.run_until_done()
+    loop.run_until_done()
     assert second.seqs[0].output_token_ids == [1000, 1001, 1002]
     assert third.seqs[0].output_token_ids == [1000, 1001, 1002]
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_admission_keeps_a_watermark_of_free_blocks_while_others_run() -> None:
     # 200 blocks: the 1% watermark is 2 blocks.
     for prompt_len, admitted in ((32, True), (33, False)):
-        engine = FakeEngine(num_blocks=200, max_num_batched_tokens=1024)
+        loop = SchedulerLoop(num_blocks=200, max_num_batched_tokens=1024)
         first = make_group("A", 759, max_tokens=4)
-        engine.add(first)
-        engine.step()
-        assert len(table(engine, first)) == 190
+        loop.add(first)
+        loop.step()
+        assert len(table(loop, first)) == 190
         second = make_group("B", prompt_len, first_token=5000)
-        engine.add(second)
-        output = engine.step()
-        assert engine.blocks.num_free_blocks == (10 - 8 if admitted else 10)
-        assert (second in engine.scheduler.running) is admitted
+        loop.add(second)
+        output = loop.step()
+        assert loop.blocks.num_free_blocks == (10 - 8 if admitted else 10)
+        assert (second in loop.scheduler.running) is admitted
         assert len(output.scheduled) == (2 if admitted else 1)
 
 
@@ -415,190 +408,269 @@ def test_admission_keeps_a_watermark_of_free_blocks_while_others_run() -> None:
 
 
 def test_a_preemption_turns_on_the_growth_reserve_which_then_decays() -> None:
-    engine = FakeEngine(num_blocks=6)
-    engine.add(make_group("A", 8, max_tokens=20), make_group("B", 8, max_tokens=20, first_token=50))
-    assert engine.scheduler.growth_ratio == 0.0  # as vLLM: free blocks alone, until it misfires
-    outputs = [engine.step()]
+    loop = SchedulerLoop(num_blocks=6)
+    loop.add(make_group("A", 8, max_tokens=20), make_group("B", 8, max_tokens=20, first_token=50))
+    assert loop.scheduler.growth_ratio == 0.0  # as vLLM: free blocks alone, until it misfires
+    outputs = [loop.step()]
     while not outputs[-1].preempted:
-        outputs.append(engine.step())
-    assert engine.scheduler.growth_ratio == GROWTH_RATIO_AFTER_PREEMPTION
+        outputs.append(loop.step())
+    assert loop.scheduler.growth_ratio == GROWTH_RATIO_AFTER_PREEMPTION
     assert not any(output.preempted for output in outputs[:-1])
-    engine.step()
-    assert engine.scheduler.growth_ratio == pytest.approx(
+    loop.step()
+    assert loop.scheduler.growth_ratio == pytest.approx(
         GROWTH_RATIO_AFTER_PREEMPTION - GROWTH_RATIO_DECAY
     )
-    engine.run_until_done()
-    engine.check_no_leaks()
+    loop.run_until_done()
+    loop.check_no_leaks()
 
 
 @pytest.mark.parametrize(("growth_ratio", "admitted"), [(0.0, True), (0.5, False)])
 def test_admission_keeps_room_for_the_running_requests_to_grow(growth_ratio, admitted) -> None:
-    engine = FakeEngine(num_blocks=8)
+    loop = SchedulerLoop(num_blocks=8)
     first = make_group("A", 8, max_tokens=35)
-    engine.add(first)
-    engine.step()  # A's prompt: 2 blocks, and its first token
-    engine.scheduler.growth_ratio = growth_ratio
-    engine.add(make_group("B", 8, first_token=50))
-    engine.step()
+    loop.add(first)
+    loop.step()  # A's prompt: 2 blocks, and its first token
+    loop.scheduler.growth_ratio = growth_ratio
+    loop.add(make_group("B", 8, first_token=50))
+    loop.step()
     # A holds 3 blocks for 9 tokens; of its 34 tokens to come, about half (16) are expected: 25
     # tokens, 7 blocks, so 4 more. B's prompt needs 2 of the 5 free blocks, which leaves 3.
-    assert len(table(engine, first)) == 3
-    assert (len(engine.scheduler.running) == 2) is admitted
+    assert len(table(loop, first)) == 3
+    assert (len(loop.scheduler.running) == 2) is admitted
 
 
 # -- failure -----------------------------------------------------------------------------------
 
 
 def test_a_group_larger_than_the_pool_fails_at_admission_at_once() -> None:
-    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64)
+    loop = SchedulerLoop(num_blocks=4, max_num_batched_tokens=64)
     small = make_group("A", 4, max_tokens=2)
-    engine.add(small)
-    engine.step()
+    loop.add(small)
+    loop.step()
     huge = make_group("B", 20, first_token=100)  # 5 blocks; the pool has 4
     later = make_group("C", 4, max_tokens=1, first_token=200)
-    engine.add(huge, later)
+    loop.add(huge, later)
 
-    output = engine.step()  # B can never fit: it fails without waiting; C goes ahead
+    output = loop.step()  # B can never fit: it fails without waiting; C goes ahead
     assert output.failed == [huge]
     assert scheduled(output) == [("A", 0, 1), ("C", 0, 4)]
     assert huge.status is GroupStatus.FINISHED
     assert huge.seqs[0].finish_reason == "error"
     assert "5 KV blocks" in huge.error and "has 4" in huge.error and "num_kv_blocks" in huge.error
-    assert huge not in engine.scheduler.waiting and huge not in engine.scheduler.running
-    assert huge.seqs[0].seq_id not in engine.blocks.block_tables
-    assert engine.blocks.pool.num_evictions == 0
+    assert huge not in loop.scheduler.waiting and huge not in loop.scheduler.running
+    assert huge.seqs[0].seq_id not in loop.blocks.block_tables
+    assert loop.blocks.pool.num_evictions == 0
 
-    engine.run_until_done()
+    loop.run_until_done()
     assert small.seqs[0].output_token_ids == [1000, 1001]
     assert later.seqs[0].output_token_ids == [1000]
     assert later.error is None
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_a_sequence_that_outgrows_the_pool_while_alone_fails() -> None:
-    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=8)
+    loop = SchedulerLoop(num_blocks=4, max_num_batched_tokens=8)
     group = make_group("A", 16, max_tokens=10)  # the prompt fills all 4 blocks
-    engine.add(group)
-    assert scheduled(engine.step()) == [("A", 0, 8)]
-    assert scheduled(engine.step()) == [("A", 0, 8)]
-    assert engine.blocks.num_free_blocks == 0
-    output = engine.step()  # its first decode needs a fifth block
+    loop.add(group)
+    assert scheduled(loop.step()) == [("A", 0, 8)]
+    assert scheduled(loop.step()) == [("A", 0, 8)]
+    assert loop.blocks.num_free_blocks == 0
+    output = loop.step()  # its first decode needs a fifth block
     assert output.failed == [group]
     assert output.scheduled == [] and output.preempted == []
-    assert engine.scheduler.num_preemptions == 0
+    assert loop.scheduler.num_preemptions == 0
     assert group.error is not None and "num_kv_blocks" in group.error
     assert group.seqs[0].finish_reason == "error"
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 def test_a_group_that_outgrows_the_pool_preempts_itself_until_alone_then_fails() -> None:
-    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=8)
+    loop = SchedulerLoop(num_blocks=4, max_num_batched_tokens=8)
     small = make_group("D", 4, max_tokens=6)
     grower = make_group("A", 12, max_tokens=10, first_token=100)  # fits, then outgrows the pool
-    engine.add(small, grower)
-    outputs = engine.run_until_done()
+    loop.add(small, grower)
+    outputs = loop.run_until_done()
 
     failed_at = next(step for step, output in enumerate(outputs) if output.failed)
     assert outputs[failed_at].failed == [grower]
     # The grower, the last to arrive, preempts itself; the small one never stops.
     assert all(output.preempted in ([], [grower]) for output in outputs)
-    assert engine.scheduler.num_preemptions >= 1
+    assert loop.scheduler.num_preemptions >= 1
     assert small.seqs[0].output_token_ids == list(range(1000, 1006))
     assert small.error is None
     assert grower.error is not None and grower.seqs[0].finish_reason == "error"
-    engine.check_no_leaks()
+    loop.check_no_leaks()
 
 
 # -- finish ------------------------------------------------------------------------------------
 
 
 def test_finish_frees_the_blocks_of_a_running_group() -> None:
-    engine = FakeEngine(num_blocks=16, max_num_batched_tokens=8)
+    loop = SchedulerLoop(num_blocks=16, max_num_batched_tokens=8)
     group = make_group("A", 20)
-    engine.add(group)
-    engine.step()
-    engine.step()
-    assert engine.blocks.pool.num_used_blocks > 0
-    engine.scheduler.finish(group)  # an abort, mid-prefill
+    loop.add(group)
+    loop.step()
+    loop.step()
+    assert loop.blocks.pool.num_used_blocks > 0
+    loop.scheduler.finish(group)  # an abort, mid-prefill
     assert group.status is GroupStatus.FINISHED
-    assert engine.scheduler.running == []
-    engine.check_no_leaks()
+    assert loop.scheduler.running == []
+    loop.check_no_leaks()
 
 
 def test_finish_removes_a_waiting_group() -> None:
-    engine = FakeEngine(num_blocks=16, max_num_seqs=1)
+    loop = SchedulerLoop(num_blocks=16, max_num_seqs=1)
     first = make_group("A", 4, max_tokens=2)
     second = make_group("B", 4)
-    engine.add(first, second)
-    engine.step()
-    assert list(engine.scheduler.waiting) == [second]
-    engine.scheduler.finish(second)
-    assert list(engine.scheduler.waiting) == []
+    loop.add(first, second)
+    loop.step()
+    assert list(loop.scheduler.waiting) == [second]
+    loop.scheduler.finish(second)
+    assert list(loop.scheduler.waiting) == []
     assert second.status is GroupStatus.FINISHED
-    engine.run_until_done()
-    engine.check_no_leaks()
+    loop.run_until_done()
+    loop.check_no_leaks()
 
 
 # -- prefix caching through the scheduler ------------------------------------------------------
 
 
 def test_admission_skips_the_cached_prefix() -> None:
-    engine = FakeEngine(num_blocks=16, max_num_batched_tokens=64, enable_prefix_caching=True)
+    loop = SchedulerLoop(num_blocks=16, max_num_batched_tokens=64, enable_prefix_caching=True)
     first = make_group("A", 10, max_tokens=1)
-    engine.add(first)
-    assert scheduled(engine.step()) == [("A", 0, 10)]
+    loop.add(first)
+    assert scheduled(loop.step()) == [("A", 0, 10)]
     assert first.is_finished
     second = make_group("B", 10, max_tokens=1)
-    engine.add(second)
-    output = engine.step()
+    loop.add(second)
+    output = loop.step()
     assert scheduled(output) == [("B", 0, 2)]  # two cached blocks hit
-    assert engine.blocks.prefix_cache_hits == 2
-    engine.check_no_leaks()
+    assert loop.blocks.prefix_cache_hits == 2
+    loop.check_no_leaks()
 
 
 def test_prefix_cache_hits_are_counted_once_per_admitted_request() -> None:
-    engine = FakeEngine(num_blocks=5, max_num_batched_tokens=64, enable_prefix_caching=True)
-    engine.add(make_group("A", 8, max_tokens=1))
-    engine.step()  # blocks 0 and 1 cached
-    engine.add(make_group("R", 4, max_tokens=6, first_token=500))
-    engine.step()
+    loop = SchedulerLoop(num_blocks=5, max_num_batched_tokens=64, enable_prefix_caching=True)
+    loop.add(make_group("A", 8, max_tokens=1))
+    loop.step()  # blocks 0 and 1 cached
+    loop.add(make_group("R", 4, max_tokens=6, first_token=500))
+    loop.step()
     # B hits A's two blocks but needs two more; only one is free until R finishes.
     second = make_group("B", 13, max_tokens=1)
-    engine.add(second)
-    engine.run_until_done()
+    loop.add(second)
+    loop.run_until_done()
     assert second.seqs[0].output_token_ids == [1000]
     # Counted once per admission, in blocks: A looked up (8 - 1) // 4 = 1, B (13 - 1) // 4 = 3.
-    assert engine.blocks.prefix_cache_hits == 2
-    assert engine.blocks.prefix_cache_queries == 4
+    assert loop.blocks.prefix_cache_hits == 2
+    assert loop.blocks.prefix_cache_queries == 4
 
 
 def test_a_preempted_group_with_prefix_caching_resumes_from_its_cached_blocks() -> None:
-    engine = FakeEngine(num_blocks=4, max_num_batched_tokens=64, enable_prefix_caching=True)
+    loop = SchedulerLoop(num_blocks=4, max_num_batched_tokens=64, enable_prefix_caching=True)
     first = make_group("A", 4, max_tokens=6)
     second = make_group("B", 4, max_tokens=8, first_token=100)
-    engine.add(first, second)
+    loop.add(first, second)
     for _ in range(5):
-        engine.step()
-    assert table(engine, first) == [0, 2] and table(engine, second) == [1, 3]
-    assert engine.blocks.pool.num_evictions == 0
+        loop.step()
+    assert table(loop, first) == [0, 2] and table(loop, second) == [1, 3]
+    assert loop.blocks.pool.num_evictions == 0
 
     # A needs a third block: B is preempted and A takes B's last block, evicting it from the
     # cache; B's first block stays cached.
-    output = engine.step()
+    output = loop.step()
     assert output.preempted == [second]
-    assert engine.blocks.pool.num_evictions == 1
+    assert loop.blocks.pool.num_evictions == 1
     assert first.is_finished
 
     # B (9 tokens) recomputes only what the cache lost: its first block is a hit.
-    output = engine.step()
+    output = loop.step()
     assert scheduled(output) == [("B", 0, 5)]
-    assert engine.blocks.prefix_cache_hits == 1
-    assert table(engine, second) == [1, 3, 2]
-    engine.run_until_done()
-    assert engine.scheduler.num_preemptions == 1
+    assert loop.blocks.prefix_cache_hits == 1
+    assert table(loop, second) == [1, 3, 2]
+    loop.run_until_done()
+    assert loop.scheduler.num_preemptions == 1
     assert first.seqs[0].output_token_ids == list(range(1000, 1006))
     assert second.seqs[0].output_token_ids == list(range(1000, 1008))
-    engine.check_no_leaks()
+    loop.check_no_leaks()
+
+
+# -- applying a step's output -----------------------------------------------------------------
+
+
+def sampled(token_id: int) -> SampledToken:
+    return SampledToken(token_id, logprob=-0.5, rank=1, top_logprobs=[])
+
+
+def test_update_appends_several_tokens_and_stops_at_the_first_stop_token() -> None:
+    blocks = BlockManager(8, 4, enable_prefix_caching=False)
+    scheduler = Scheduler(blocks, 8, 64, max_model_len=4096, eos_token_ids=[7])
+    group, other = make_group("A", 6, max_tokens=10), make_group("B", 3, max_tokens=10)
+    scheduler.add(group)
+    scheduler.add(other)
+    output = scheduler.schedule()
+    seq = group.seqs[0]
+    # Speculative decoding accepts several tokens at once; those after a stop are dropped.
+    model_output = ModelOutput(tokens={
+        seq.seq_id: [sampled(5), sampled(7), sampled(9)],
+        other.seqs[0].seq_id: [sampled(4)],
+    })
+    touched = scheduler.update_from_output(output, model_output)
+    assert touched == [group, other]
+    assert seq.output_token_ids == [5, 7] and seq.finish_reason == "stop"
+    assert seq.cumulative_logprob == pytest.approx(-1.0)
+    assert seq.num_computed_tokens == 6 and seq.seq_id not in blocks.block_tables
+    assert group.status is GroupStatus.FINISHED and scheduler.running == [other]
+    assert other.seqs[0].output_token_ids == [4] and not other.is_finished
+
+
+def test_update_forks_the_samples_of_a_shared_prefill_and_frees_each_as_it_stops() -> None:
+    blocks = BlockManager(16, 4, enable_prefix_caching=False)
+    scheduler = Scheduler(blocks, 8, 64, max_model_len=4096, eos_token_ids=[7])
+    group = make_group("A", 9, n=3, max_tokens=10)
+    scheduler.add(group)
+    output = scheduler.schedule()
+    (item,) = output.scheduled
+    lead, second, third = group.seqs
+    assert item.seq is lead and item.followers == [second, third]
+    scheduler.update_from_output(output, ModelOutput(tokens={
+        lead.seq_id: [sampled(4)], second.seq_id: [sampled(7)], third.seq_id: [sampled(5)],
+    }))
+    # The samples share the prompt's two full blocks; the one that drew EOS holds none.
+    assert blocks.block_ids(third.seq_id)[:2] == blocks.block_ids(lead.seq_id)[:2]
+    assert second.is_finished and second.seq_id not in blocks.block_tables
+    assert [s.num_computed_tokens for s in group.seqs] == [9, 9, 9]
+    assert not group.is_finished
+
+
+def test_beam_candidates_fork_and_free_beams_through_the_scheduler() -> None:
+    blocks = BlockManager(16, 4, enable_prefix_caching=False)
+    scheduler = Scheduler(blocks, 8, 64, max_model_len=4096)
+    group = make_group("A", 8, n=2, max_tokens=2)
+    group.params = SamplingParams(n=2, max_tokens=2, temperature=0.0, use_beam_search=True)
+    group.beam = BeamSearchState(width=2, length_penalty=1.0, early_stopping=False,
+                                 max_new_tokens=2, stop_token_ids=frozenset())
+    scheduler.add(group)
+    output = scheduler.schedule()
+    (item,) = output.scheduled
+    lead = item.seq
+    touched = scheduler.update_from_output(output, ModelOutput(beam_candidates={
+        lead.seq_id: BeamCandidates([10, 11, 12, 13], [-0.1, -0.2, -0.3, -0.4]),
+    }))
+    assert touched == []  # a beam search reports only when it is done
+    first, second = group.seqs
+    assert first is lead and second.seq_id != lead.seq_id
+    assert [first.output_token_ids, second.output_token_ids] == [[10], [11]]
+    assert blocks.block_ids(second.seq_id) == blocks.block_ids(first.seq_id)  # forked, shared
+    output = scheduler.schedule()
+    assert [i.seq for i in output.scheduled] == [first, second]
+    touched = scheduler.update_from_output(output, ModelOutput(beam_candidates={
+        first.seq_id: BeamCandidates([20, 21, 22, 23], [-1.0, -2.0, -3.0, -4.0]),
+        second.seq_id: BeamCandidates([30, 31, 32, 33], [-0.5, -3.0, -3.5, -4.5]),
+    }))
+    assert touched == [group] and group.is_finished
+    assert [h.output_token_ids for h in group.beam_results] == [[11, 30], [10, 20]]
+    assert blocks.block_tables == {} and blocks.pool.num_used_blocks == 0
+    assert scheduler.running == []
 
 
 # -- a mixed workload --------------------------------------------------------------------------
@@ -606,7 +678,7 @@ def test_a_preempted_group_with_prefix_caching_resumes_from_its_cached_blocks() 
 
 @pytest.mark.parametrize("enable_prefix_caching", [False, True])
 def test_mixed_workload_runs_to_completion_without_leaks(enable_prefix_caching: bool) -> None:
-    engine = FakeEngine(
+    loop = SchedulerLoop(
         num_blocks=9,
         max_num_seqs=4,
         max_num_batched_tokens=10,
@@ -619,13 +691,13 @@ def test_mixed_workload_runs_to_completion_without_leaks(enable_prefix_caching: 
         make_group("D", 7, max_tokens=6, first_token=50),
         make_group("E", 30, max_tokens=2, first_token=80),
     ]
-    engine.add(*groups)
-    engine.run_until_done()
+    loop.add(*groups)
+    loop.run_until_done()
     for group in groups:
         assert group.error is None
         assert all(
             seq.output_token_ids == list(range(1000, 1000 + group.params.max_tokens))
             for seq in group.seqs
         )
-    assert engine.scheduler.num_preemptions > 0  # the pool is small enough to force some
-    engine.check_no_leaks()
+    assert loop.scheduler.num_preemptions > 0  # the pool is small enough to force some
+    loop.check_no_leaks()

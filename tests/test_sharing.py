@@ -129,8 +129,8 @@ def test_a_request_repeating_a_200_token_prefix_computes_only_its_new_tokens(dem
     assert engine.block_manager.prefix_cache_hits - hits_before == 12
     assert item.seq.num_computed_tokens == 192
     assert item.num_new_tokens == 202 - 192
-    engine.runner.execute(plan.scheduled, plan.block_copies)
-    item.seq.num_computed_tokens += item.num_new_tokens
+    engine.scheduler.update_from_output(plan, engine._execute(plan))
+    assert item.seq.num_output_tokens == 1
     engine.abort("second")
     engine.check_no_leaks()
 

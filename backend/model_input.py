@@ -1,0 +1,91 @@
+"""A step's inputs as plain data: what the model runner reads, and nothing else.
+
+`build_model_input` turns the scheduler's decisions into tensors and lists: the new tokens of
+every scheduled sequence back to back, where their keys and values go in the paged cache, each
+sequence's block table, and one sampling row for every sequence that draws its next token (the
+samples riding on a shared prompt prefill read their leader's logits row). Nothing here refers
+to a live Sequence or SequenceGroup, so the same input can be padded to a fixed batch size (a CUDA
+graph bucket) or sent to another process (tensor parallelism) without touching the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagoda.backend.attention import BatchLayout
+from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.sampler import SamplingRow
+from pagoda.backend.scheduler import SchedulerOutput
+
+
+@dataclass(slots=True)
+class ModelInput:
+    input_ids: torch.Tensor  # [num_tokens] int64: every scheduled sequence's new tokens
+    positions: torch.Tensor  # [num_tokens] int64
+    layout: BatchLayout  # query start offsets, context lengths, block tables, slot mapping
+    # Rows of the flat batch whose hidden state gives a next-token distribution, one per
+    # sampling row (several rows may name the same batch row: samples sharing a prefill).
+    logits_indices: torch.Tensor  # [num_sampling_rows] int64
+    sampling_rows: list[SamplingRow] = field(default_factory=list)
+    # Copy-on-write (source, target) block copies to apply before the forward.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def build_model_input(
+    scheduler_output: SchedulerOutput, blocks: BlockManager, device: torch.device
+) -> ModelInput:
+    block_size = blocks.block_size
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start_loc = [0]
+    context_lens: list[int] = []
+    block_tables: list[list[int]] = []
+    logits_indices: list[int] = []
+    sampling_rows: list[SamplingRow] = []
+    for item in scheduler_output.scheduled:
+        seq, group = item.seq, item.group
+        start = seq.num_computed_tokens
+        end = start + item.num_new_tokens
+        table = blocks.block_ids(seq.seq_id)
+        input_ids.extend(seq.token_ids[start:end])
+        positions.extend(range(start, end))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        query_start_loc.append(len(input_ids))
+        context_lens.append(start)
+        block_tables.append(table)
+        if not item.samples_next_token:
+            continue
+        # A beam search group ranks its beams together; the samples riding on its shared
+        # prompt prefill are not drawn (beam search forks the beams it keeps).
+        samples = [seq] if group.params.use_beam_search else [seq, *item.followers]
+        for sample in samples:
+            logits_indices.append(len(input_ids) - 1)
+            sampling_rows.append(SamplingRow(
+                seq_id=sample.seq_id,
+                params=group.params,
+                prompt_token_ids=group.prompt_token_ids,
+                output_token_ids=sample.output_token_ids,
+                seed=sample.seed,
+            ))
+    layout = BatchLayout(
+        query_start_loc=query_start_loc,
+        context_lens=context_lens,
+        block_tables=block_tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_size=block_size,
+    )
+    return ModelInput(
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        layout=layout,
+        logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
+        sampling_rows=sampling_rows,
+        block_copies=scheduler_output.block_copies,
+    )

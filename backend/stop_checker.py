@@ -1,0 +1,53 @@
+"""Appends a sampled token to its sequence and applies the stop conditions.
+
+The scheduler calls it while it applies a step's output, so a sequence that stops (EOS, a stop
+token or string, max_tokens, max_model_len) frees its KV blocks in the same update. Stop strings
+are matched here too, on the sequence's incremental detokenizer, rather than later in output
+processing: a stopped sequence must not be scheduled again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pagoda.backend.model_output import SampledToken
+from pagoda.backend.outputs import Logprob
+from pagoda.backend.sequence import Sequence, SequenceGroup
+
+
+class StopChecker:
+    def __init__(self, eos_token_ids: Iterable[int], max_model_len: int) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def append_token(self, group: SequenceGroup, seq: Sequence, token: SampledToken) -> None:
+        token_id = token.token_id
+        seq.token_ids.append(token_id)
+        seq.cumulative_logprob += token.logprob
+        if group.want_logprobs:
+            step = {top_id: Logprob(logprob, rank) for rank, (top_id, logprob) in
+                    enumerate(token.top_logprobs, start=1)}
+            step[token_id] = Logprob(token.logprob, token.rank)
+            seq.logprobs.append(step)
+        self._check_stop(group, seq, token_id)
+
+    def _check_stop(self, group: SequenceGroup, seq: Sequence, token_id: int) -> None:
+        params = group.params
+        detokenizer = seq.detokenizer
+        # NOTE: the sampler masks eos and stop tokens until min_tokens are out, so any seen here
+        # may end the sequence.
+        if token_id in params.stop_token_ids or (
+            token_id in self.eos_token_ids and not params.ignore_eos
+        ):
+            if params.include_stop_str_in_output and detokenizer is not None:
+                detokenizer.add_token(token_id)
+            stop_reason = None if token_id in self.eos_token_ids else token_id
+            seq.finish("stop", stop_reason)
+            return
+        stop_string = detokenizer.add_token(token_id) if detokenizer is not None else None
+        if stop_string is not None:
+            seq.finish("stop", stop_string)
+        elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or len(
+            seq.token_ids
+        ) >= self.max_model_len:
+            seq.finish("length")

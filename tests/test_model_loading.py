@@ -88,3 +88,17 @@ def test_bad_engine_arguments_name_the_argument(demo_model_dir):
             LLM(str(demo_model_dir), **{name: value})
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(demo_model_dir), num_kv_blocks=2, max_model_len=100)
+
+
+def test_an_unused_cpu_kv_pool_costs_no_ram(demo_model_dir):
+    """The default 2 GiB CPU pool is zero-filled lazily: RAM grows with the blocks in use."""
+    import psutil
+
+    before = psutil.Process().memory_info().rss
+    llm = LLM(str(demo_model_dir), kv_cache_memory_bytes=1024**3, enable_prefix_caching=False)
+    grown = psutil.Process().memory_info().rss - before
+    key_cache = llm.engine.runner.kv_caches[0][0]
+    assert key_cache.numel() * key_cache.element_size() * 2 * len(llm.engine.runner.kv_caches) \
+        == pytest.approx(1024**3, rel=0.01)
+    assert grown < 256 * 1024**2
+    assert not key_cache.any()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import torch
 
 from pagoda.backend.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
@@ -51,9 +53,20 @@ def allocate_kv_cache(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     caches = [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(num_layers)
+        (_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(num_layers)
     ]
     total = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) * num_blocks
     logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20)
     return caches
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. On CPU it comes from calloc (numpy's zeros), whose pages the
+    OS maps only when first written: blocks no request has used yet cost no RAM, so a server
+    starts small whatever its KV budget (torch.zeros would write, and so commit, every page).
+    Zeros rather than uninitialized memory: a never-written slot must not hold a NaN that
+    attention would multiply by a zero weight."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)

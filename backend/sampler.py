@@ -242,17 +242,15 @@ def _effective_top_k(top_k: int, vocab_size: int) -> int:
     return vocab_size if top_k <= 0 else min(top_k, vocab_size)
 
 
-def _token_counts(
-    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
-) -> torch.Tensor:
-    """[len(token_lists), vocab_size] float32: how often each token occurs in each list."""
+def _flat_occurrences(
+    token_lists: Sequence[Sequence[int]], row_ids: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index tensors of every occurrence of a token in each row's list, so the
+    penalties touch only the tokens a row has seen instead of its whole vocabulary."""
     lengths = torch.tensor([len(tokens) for tokens in token_lists])
-    row_index = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
-    flat_tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
-    counts = torch.zeros(len(token_lists), vocab_size, dtype=torch.float32, device=device)
-    ones = torch.ones(flat_tokens.numel(), dtype=torch.float32, device=device)
-    counts.index_put_((row_index.to(device), flat_tokens.to(device)), ones, accumulate=True)
-    return counts
+    rows = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    return rows.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
 
 def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -304,14 +302,17 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     if not selected:
         return
     device = logits.device
-    index = torch.tensor(selected, device=device)
-    seen_tokens = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in selected]
-    seen = _token_counts(seen_tokens, logits.shape[-1], device) > 0
-    penalties = _float32_tensor([rows[i].params.repetition_penalty for i in selected], device)
-    penalties = penalties.unsqueeze(1)
-    sub = logits[index]
-    penalized = torch.where(sub > 0, sub / penalties, sub * penalties)
-    logits[index] = torch.where(seen, penalized, sub)
+    seen = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in selected]
+    row_index, token_index = _flat_occurrences(seen, selected, device)
+    penalties = torch.ones(len(rows), dtype=torch.float32, device=device)
+    penalties[selected] = _float32_tensor([rows[i].params.repetition_penalty for i in selected],
+                                          device)
+    penalty = penalties[row_index]
+    seen_logits = logits[row_index, token_index]
+    # NOTE: a token seen twice is written twice with the same value: penalized once.
+    logits[row_index, token_index] = torch.where(
+        seen_logits > 0, seen_logits / penalty, seen_logits * penalty
+    )
 
 
 def _apply_presence_frequency_penalties(
@@ -322,17 +323,30 @@ def _apply_presence_frequency_penalties(
     selected = [
         i
         for i, row in enumerate(rows)
-        if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
+        if (row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0)
+        and row.output_token_ids
     ]
     if not selected:
         return
     device = logits.device
-    index = torch.tensor(selected, device=device)
-    counts = _token_counts([rows[i].output_token_ids for i in selected], logits.shape[-1], device)
-    frequency = _float32_tensor([rows[i].params.frequency_penalty for i in selected], device)
-    presence = _float32_tensor([rows[i].params.presence_penalty for i in selected], device)
-    penalty = frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
-    logits[index] = logits[index] - penalty
+    row_index, token_index = _flat_occurrences(
+        [rows[i].output_token_ids for i in selected], selected, device
+    )
+    counts = torch.zeros(len(rows), logits.shape[-1], dtype=torch.float32, device=device)
+    counts.index_put_((row_index, token_index), torch.ones_like(row_index, dtype=torch.float32),
+                      accumulate=True)
+    frequency = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    presence = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    frequency[selected] = _float32_tensor([rows[i].params.frequency_penalty for i in selected],
+                                          device)
+    presence[selected] = _float32_tensor([rows[i].params.presence_penalty for i in selected],
+                                         device)
+    # NOTE: every occurrence of a token writes the same value, so the penalty applies once.
+    logits[row_index, token_index] = (
+        logits[row_index, token_index]
+        - frequency[row_index] * counts[row_index, token_index]
+        - presence[row_index]
+    )
 
 
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -346,8 +360,20 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
     """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
     Hugging Face), then the smallest set of those whose cumulative probability reaches top_p;
-    the top token is always kept. top_k: [rows] counts in [1, vocab]; top_p: [rows] in (0, 1]."""
+    the top token is always kept. top_k: [rows] counts in [1, vocab]; top_p: [rows] in (0, 1].
+    Sorts only as much of the vocabulary as it must: nothing for top_k alone (its k-th value
+    comes from topk), the top_k largest when every row has a top_k, and all of it otherwise."""
     vocab_size = logits.shape[-1]
+    max_k = int(top_k.max())
+    if bool((top_p >= 1.0).all()):
+        kth_largest = logits.topk(max_k, dim=-1).values.gather(-1, (top_k - 1).unsqueeze(1))
+        logits.masked_fill_(logits < kth_largest, float("-inf"))
+        return
+    if max_k < vocab_size:
+        # Ties at the k-th value may reach past max_k: keep them, as the full sort would.
+        top_values = logits.topk(max_k, dim=-1).values
+        kth_largest = top_values.gather(-1, (top_k - 1).unsqueeze(1))
+        logits.masked_fill_(logits < kth_largest, float("-inf"))
     # Ascending order: the k-th largest value sits at vocab - k, and a token is dropped by
     # top_p when the probability mass at or below it is at most 1 - top_p.
     sorted_logits, sorted_ids = logits.sort(dim=-1)

@@ -361,19 +361,12 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
     Hugging Face), then the smallest set of those whose cumulative probability reaches top_p;
     the top token is always kept. top_k: [rows] counts in [1, vocab]; top_p: [rows] in (0, 1].
-    Sorts only as much of the vocabulary as it must: nothing for top_k alone (its k-th value
-    comes from topk), the top_k largest when every row has a top_k, and all of it otherwise."""
+    top_k alone needs no sort of the vocabulary: its k-th value comes from topk."""
     vocab_size = logits.shape[-1]
-    max_k = int(top_k.max())
     if bool((top_p >= 1.0).all()):
-        kth_largest = logits.topk(max_k, dim=-1).values.gather(-1, (top_k - 1).unsqueeze(1))
-        logits.masked_fill_(logits < kth_largest, float("-inf"))
+        top_values = logits.topk(int(top_k.max()), dim=-1).values
+        logits.masked_fill_(logits < top_values.gather(-1, (top_k - 1).unsqueeze(1)), float("-inf"))
         return
-    if max_k < vocab_size:
-        # Ties at the k-th value may reach past max_k: keep them, as the full sort would.
-        top_values = logits.topk(max_k, dim=-1).values
-        kth_largest = top_values.gather(-1, (top_k - 1).unsqueeze(1))
-        logits.masked_fill_(logits < kth_largest, float("-inf"))
     # Ascending order: the k-th largest value sits at vocab - k, and a token is dropped by
     # top_p when the probability mass at or below it is at most 1 - top_p.
     sorted_logits, sorted_ids = logits.sort(dim=-1)

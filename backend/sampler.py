@@ -131,10 +131,12 @@ class Sampler:
         vocab_size = logits.shape[-1]
         top_k = [_effective_top_k(row.params.top_k, vocab_size) for row in rows]
         top_p = [row.params.top_p for row in rows]
-        if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
+        if any(p < 1.0 for p in top_p):
             _apply_top_k_top_p(
                 logits, torch.tensor(top_k, device=device), _float32_tensor(top_p, device)
             )
+        elif any(k < vocab_size for k in top_k):
+            _apply_top_k(logits, top_k)
         probs = torch.softmax(logits, dim=-1)
         # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d. picks token i with
         # probability p_i, and an excluded token (p_i == 0 exactly) can never win.
@@ -357,16 +359,21 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
     logits.masked_fill_(probs < threshold, float("-inf"))
 
 
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
+    Hugging Face). top_k: counts in [1, vocab]. The k-th values come from one topk, with no sort
+    of the whole vocabulary."""
+    kth = torch.tensor([k - 1 for k in top_k], device=logits.device).unsqueeze(1)
+    top_values = logits.topk(max(top_k), dim=-1).values
+    logits.masked_fill_(logits < top_values.gather(-1, kth), float("-inf"))
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
     """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
     Hugging Face), then the smallest set of those whose cumulative probability reaches top_p;
     the top token is always kept. top_k: [rows] counts in [1, vocab]; top_p: [rows] in (0, 1].
-    top_k alone needs no sort of the vocabulary: its k-th value comes from topk."""
+    top_k alone is `_apply_top_k`, which needs no sort."""
     vocab_size = logits.shape[-1]
-    if bool((top_p >= 1.0).all()):
-        top_values = logits.topk(int(top_k.max()), dim=-1).values
-        logits.masked_fill_(logits < top_values.gather(-1, (top_k - 1).unsqueeze(1)), float("-inf"))
-        return
     # Ascending order: the k-th largest value sits at vocab - k, and a token is dropped by
     # top_p when the probability mass at or below it is at most 1 - top_p.
     sorted_logits, sorted_ids = logits.sort(dim=-1)

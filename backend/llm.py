@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
+from pagoda.backend.errors import InvalidParameter, RequestRejected
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
 
@@ -71,7 +72,7 @@ class LLM:
                 request_id = str(next(self._request_ids))
                 self.engine.add_request(request_id, prompt, params)
                 order[request_id] = index
-        except ValueError:
+        except RequestRejected:
             for request_id in order:
                 self.engine.abort(request_id)
             raise
@@ -103,5 +104,7 @@ def _as_params_list(
         return [params] * count
     params = list(params)
     if len(params) != count:
-        raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+        raise InvalidParameter(
+            "sampling_params", f"got {len(params)} sampling_params for {count} prompts"
+        )
     return params

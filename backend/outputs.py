@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagoda.backend.errors import EngineError
+
 
 @dataclass(slots=True)
 class Logprob:
@@ -51,7 +53,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
-    error: str | None = None  # why the engine failed this request, when it did
-    # The model raised while computing this request (a server fault), as opposed to a request
-    # the engine cannot serve (too large for the KV cache).
-    internal_error: bool = False
+    # Why the engine failed this request, when it did: the request's fault (it outgrew the KV
+    # cache) or, with `error.internal`, the server's (the model raised on it).
+    error: EngineError | None = None

@@ -14,13 +14,13 @@ Engine flags follow vLLM's names (--dtype, --device, --block-size, --num-kv-bloc
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
-import os
 import subprocess
 import sys
-from dataclasses import asdict, fields
 from pathlib import Path
 
+from pagoda.adapters.common.engine_args import add_engine_args, engine_config_from_args
 from pagoda.adapters.fastchat.server import (
     add_serve_worker_args,
     add_worker_args,
@@ -28,45 +28,17 @@ from pagoda.adapters.fastchat.server import (
     run_worker,
 )
 from pagoda.adapters.openai.settings import add_server_args, settings_from_args
-from pagoda.backend import LLM, EngineConfig, SamplingParams
+from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import build_demo_model
+from pagoda.backend.engine_client import EngineClient, Prompt
+from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.sampling_params import SamplingParams
 
-MODEL_ENV = "PAGODA_MODEL"
 # The benchmark scripts live in the repository, not in the installed package.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARKS = {"throughput": "throughput.py", "serving": "serving.py", "sharing": "sharing.py",
               "memory": "memory.py", "fastchat-worker": "fastchat_worker.py", "plots": "plots.py"}
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for every EngineConfig field, named as vLLM names them."""
-    group = parser.add_argument_group("engine")
-    # $PAGODA_MODEL lets a container image pick its model without a shell in its command line.
-    group.add_argument("--model", default=os.environ.get(MODEL_ENV) or None,
-                       help=f"local folder or hub id (default: ${MODEL_ENV}, else the demo model)")
-    group.add_argument("--tokenizer", default=None)
-    group.add_argument("--revision", default=None)
-    group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    group.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--num-kv-blocks", type=int, default=None)
-    group.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                       help="KV cache budget in bytes (CPU default: 2 GiB)")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    group.add_argument("--max-num-seqs", type=int, default=256)
-    group.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                       default=True)
-    group.add_argument("--allow-pickle-weights", action="store_true",
-                       help="allow loading pickle (.bin) weights, which can run arbitrary code")
-    group.add_argument("--trust-remote-code", action="store_true")
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -145,16 +117,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = engine_config_from_args(args)
         params = sampling_params_from_args(args)
+        outputs = generate_offline(config, args, params)
     except ValueError as error:
         parser.error(str(error))
-    llm = LLM(**asdict(config))
-    if args.command == "chat":
-        outputs = llm.chat([{"role": "user", "content": args.message}], params)
-    else:
-        outputs = llm.generate(args.prompt or DEFAULT_PROMPTS, params)
     for output in outputs:
         print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
     return 0
+
+
+def generate_offline(
+    config: EngineConfig, args: argparse.Namespace, params: SamplingParams
+) -> list[RequestOutput]:
+    """`pagoda generate` and `pagoda chat`: every prompt's final output, in order. Raises
+    ValueError for a bad engine flag, RequestRejected for a prompt the engine refuses."""
+    with EngineClient.from_config(config) as client:
+        if args.command == "chat":
+            message = {"role": "user", "content": args.message}
+            prompts: list[Prompt] = [client.render_chat([message])]
+        else:
+            prompts = list(args.prompt or DEFAULT_PROMPTS)
+        return asyncio.run(_final_outputs(client, prompts, params))
+
+
+async def _final_outputs(
+    client: EngineClient, prompts: list[Prompt], params: SamplingParams
+) -> list[RequestOutput]:
+    async def final(request_id: str, prompt: Prompt) -> RequestOutput:
+        # Outputs are cumulative snapshots: the last one is the whole answer.
+        outputs = client.generate(request_id, prompt, params, newest_only=True)
+        return [output async for output in outputs][-1]
+
+    return await asyncio.gather(*(final(f"cli-{i}", p) for i, p in enumerate(prompts)))
 
 
 def serve_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pagoda.backend.engine import LLMEngine, Prompt
+from pagoda.backend.errors import RequestFailed, RequestRejected
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
 
@@ -96,7 +97,8 @@ class AsyncEngine:
         self, request_id: str, prompt: Prompt, params: SamplingParams, newest_only: bool = False
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. A request the engine rejects raises
-        ValueError on the first iteration. Leaving the loop early (a disconnected client, a
+        its RequestRejected on the first iteration; RequestFailed when the engine fails (or is
+        shut down) instead. Leaving the loop early (a disconnected client, a
         cancelled task) aborts the request, which frees its KV blocks within one step.
 
         Each RequestOutput is a cumulative snapshot (all text, tokens and logprobs so far). With
@@ -104,7 +106,7 @@ class AsyncEngine:
         meanwhile (the final one included), instead of working through a backlog of stale
         snapshots; without it, every output (one per step that advanced the request)."""
         if self._stopped:
-            raise RuntimeError("the engine is shut down")
+            raise RequestFailed("the engine is shut down")
         stream = _Stream(asyncio.get_running_loop())
         self._inbox.put(_Submit(request_id, prompt, params, stream))
         finished = False
@@ -142,7 +144,7 @@ class AsyncEngine:
             for output in outputs:
                 self._deliver(output)
             self.snapshot = self._take_snapshot()
-        self._fail_all(RuntimeError("the engine shut down"))
+        self._fail_all(RequestFailed("the engine shut down"))
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submissions and aborts; False once shutdown was asked for."""
@@ -167,8 +169,14 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(message.request_id, message.prompt, message.params)
-        except ValueError as error:
+        except RequestRejected as error:
             message.stream.put(error)
+            return
+        except Exception as error:  # a bug must not stop the engine thread for everyone
+            logger.exception("request %s could not be queued", message.request_id)
+            message.stream.put(RequestFailed(
+                f"the engine could not queue the request: {type(error).__name__}: {error}"
+            ))
             return
         self._streams[message.request_id] = message.stream
 
@@ -183,7 +191,7 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for request_id, stream in list(self._streams.items()):
             self.engine.abort(request_id)
-            stream.put(RuntimeError(f"request failed inside the engine: {error}"))
+            stream.put(RequestFailed(f"request failed inside the engine: {error}"))
         self._streams.clear()
         self.snapshot = self._take_snapshot()
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from pagoda.backend.errors import InvalidParameter
+
 # Prompt tokens that seed the window, so the first generated token decodes as it would inside the
 # whole text (its leading space kept, byte-level merges resolved).
 _PROMPT_WINDOW_TOKENS = 5
@@ -50,7 +52,8 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ) -> None:
         if any(not stop_str for stop_str in stop):
-            raise ValueError(f"stop: stop strings must be non-empty, got {list(stop)!r}")
+            message = f"stop: stop strings must be non-empty, got {list(stop)!r}"
+            raise InvalidParameter("stop", message)
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._spaces_between_special_tokens = spaces_between_special_tokens

@@ -23,6 +23,7 @@ from pagoda.backend.beam_search import BeamSearchState
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
+from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
 from pagoda.backend.model_input import build_model_input
@@ -38,6 +39,7 @@ from pagoda.backend.models.loader import (
 )
 from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
+from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampler import Sampler
 from pagoda.backend.sampling_params import SamplingParams
 from pagoda.backend.scheduler import Scheduler, SchedulerOutput
@@ -123,16 +125,20 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError, naming the problem, for a request that can never
-        run (empty or over-long prompt, token ids outside the vocabulary, duplicate id)."""
+        """Queue a request. Raises a RequestRejected naming the field for a request that can never
+        run (empty or over-long prompt, token ids outside the vocabulary, duplicate id, more
+        samples than a step runs, more KV blocks than the whole cache), before anything of it is
+        queued or allocated."""
         params = params or SamplingParams()
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidParameter("request_id", f"request_id {request_id!r} is already in use")
         limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         if params.num_sequences > limit:
-            raise ValueError(
+            # NOTE: checked before the group's sequences are built, however many it asks for.
+            raise InvalidParameter(
+                "n" if params.best_of is None else "best_of",
                 f"n/best_of={params.num_sequences} exceeds what one step can run ({limit}: "
-                "max_num_seqs and max_num_batched_tokens)"
+                "max_num_seqs and max_num_batched_tokens)",
             )
         prompt_text, prompt_ids = self._encode(prompt)
         self._check_token_ids(prompt_ids, params)
@@ -146,6 +152,7 @@ class LLMEngine:
             want_logprobs=params.logprobs is not None and not params.use_beam_search,
             beam=self._beam_state(params, len(prompt_ids)),
         )
+        self.scheduler.check_fits(group)
         self.requests[request_id] = group
         self.scheduler.add(group)
 
@@ -158,7 +165,9 @@ class LLMEngine:
     ) -> str:
         """A conversation as prompt text, through the model's (or the given) chat template."""
         if chat_template is None and not self.tokenizer.chat_template:
-            raise ValueError("this model has no chat template; pass chat_template")
+            raise InvalidParameter(
+                "chat_template", "this model has no chat template; pass chat_template"
+            )
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=chat_template,
@@ -169,20 +178,16 @@ class LLMEngine:
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            # A prompt that already starts with the BOS token (as most chat templates render
-            # it) must not get a second one.
-            bos = self.tokenizer.bos_token
-            add_special_tokens = not (bos and prompt.startswith(bos))
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return prompt, encode_prompt(self.tokenizer, prompt)
         if not isinstance(prompt, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            raise ValueError("prompt must be a string or a list of token ids")
+            raise InvalidParameter("prompt", "prompt must be a string or a list of token ids")
         return None, list(prompt)
 
     def _check_token_ids(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidParameter("prompt", "prompt must not be empty")
         vocab_size = self.hf_config.vocab_size
         for field_name, token_ids in (
             ("prompt", prompt_ids),
@@ -191,14 +196,12 @@ class LLMEngine:
         ):
             bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
             if bad is not None:
-                raise ValueError(
-                    f"{field_name}: token id {bad} is outside the vocabulary (size {vocab_size})"
+                raise InvalidParameter(
+                    field_name,
+                    f"{field_name}: token id {bad} is outside the vocabulary (size {vocab_size})",
                 )
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which must also leave room for at least one generated token"
-            )
+            raise PromptTooLong(len(prompt_ids), self.max_model_len)
 
     def _beam_state(self, params: SamplingParams, prompt_len: int) -> BeamSearchState | None:
         if not params.use_beam_search:
@@ -306,8 +309,9 @@ class LLMEngine:
     def _fail_in_model(self, group: SequenceGroup, error: Exception) -> None:
         logger.error("request %s failed inside the model: %r", group.request_id, error)
         self.scheduler.finish(group)
-        group.fail(f"the model failed on this request: {type(error).__name__}: {error}",
-                   internal=True)
+        group.fail(RequestFailed(
+            f"the model failed on this request: {type(error).__name__}: {error}"
+        ))
 
     def kv_stats(self) -> KVStats:
         return self.block_manager.stats(self.scheduler.live_sequences())

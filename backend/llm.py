@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
+from pagoda.backend.errors import InvalidParameter, RequestRejected
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 
@@ -74,7 +75,7 @@ class LLM:
                 final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                 self.engine.add_request(request_id, prompt, final_only)
                 order[request_id] = index
-        except ValueError:
+        except RequestRejected:
             for request_id in order:
                 self.engine.abort(request_id)
             raise
@@ -106,5 +107,7 @@ def _as_params_list(
         return [params] * count
     params = list(params)
     if len(params) != count:
-        raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+        raise InvalidParameter(
+            "sampling_params", f"got {len(params)} sampling_params for {count} prompts"
+        )
     return params

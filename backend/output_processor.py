@@ -75,7 +75,6 @@ class OutputProcessor:
             finished=finished,
             metrics=group.metrics,
             error=group.error,
-            internal_error=group.internal_error,
             delta=delta,
         )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pagoda.backend.errors import EngineError
+
 
 @dataclass(slots=True)
 class Logprob:
@@ -66,10 +68,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
-    error: str | None = None  # why the engine failed this request, when it did
-    # The model raised while computing this request (a server fault), as opposed to a request
-    # the engine cannot serve (too large for the KV cache).
-    internal_error: bool = False
+    # Why the engine failed this request, when it did: the request's fault (it outgrew the KV
+    # cache) or, with `error.internal`, the server's (the model raised on it).
+    error: EngineError | None = None
     delta: bool = False  # the completions hold only what is new (RequestOutputKind.DELTA)
 
     def add(self, newer: RequestOutput) -> RequestOutput:

@@ -1,7 +1,7 @@
 """Sampling parameters of one request, with vLLM's and OpenAI's field names.
 
-Validated on construction: a bad value raises ValueError naming the field, so every adapter can
-turn it into its own protocol's error without re-checking anything.
+Validated on construction: a bad value raises InvalidParameter (a ValueError) carrying the field,
+so every adapter can turn it into its own protocol's error without re-checking anything.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+
+from pagoda.backend.errors import InvalidParameter
 
 # Above this, a temperature is treated as greedy: dividing logits by it would only amplify
 # rounding noise (the same cut-off vLLM uses).
@@ -55,7 +57,11 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        try:
+            self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        except (TypeError, ValueError):
+            message = "logit_bias must map token ids to numbers"
+            raise InvalidParameter("logit_bias", message) from None
         self._validate()
 
     def _validate(self) -> None:
@@ -63,30 +69,33 @@ class SamplingParams:
         if self.best_of is not None:
             _check_int("best_of", self.best_of, minimum=1)
             if self.best_of < self.n:
-                raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}")
+                raise InvalidParameter(
+                    "best_of", f"best_of must be >= n, got best_of={self.best_of} and n={self.n}"
+                )
         _check_float("temperature", self.temperature, minimum=0.0)
         _check_float("top_p", self.top_p, minimum=0.0, maximum=1.0)
         if self.top_p == 0.0:
-            raise ValueError("top_p must be in (0, 1], got 0")
+            raise InvalidParameter("top_p", "top_p must be in (0, 1], got 0")
         _check_int("top_k", self.top_k, minimum=-1)
         _check_float("min_p", self.min_p, minimum=0.0, maximum=1.0)
         _check_float("presence_penalty", self.presence_penalty, minimum=-2.0, maximum=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, minimum=-2.0, maximum=2.0)
         _check_float("repetition_penalty", self.repetition_penalty, minimum=0.0)
         if self.repetition_penalty == 0.0:
-            raise ValueError("repetition_penalty must be > 0, got 0")
+            raise InvalidParameter("repetition_penalty", "repetition_penalty must be > 0, got 0")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=-(2**63))
         for stop in self.stop:
             if not isinstance(stop, str) or stop == "":
-                raise ValueError(f"stop must contain non-empty strings, got {stop!r}")
+                raise InvalidParameter("stop", f"stop must contain non-empty strings, got {stop!r}")
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, minimum=0)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
+            raise InvalidParameter(
+                "min_tokens",
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
                 f"and max_tokens={self.max_tokens}"
             )
@@ -94,15 +103,18 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, minimum=0)
         for token_id, bias in self.logit_bias.items():
             if token_id < 0:
-                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id}")
+                raise InvalidParameter(
+                    "logit_bias", f"logit_bias keys must be token ids >= 0, got {token_id}"
+                )
             _check_float("logit_bias", bias, minimum=-100.0, maximum=100.0)
         _check_float("length_penalty", self.length_penalty)
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(
+            raise InvalidParameter(
+                "early_stopping",
                 f"early_stopping must be true, false or 'never', got {self.early_stopping!r}"
             )
         if self.use_beam_search and self.temperature > GREEDY_TEMPERATURE and self.temperature != 1.0:
-            raise ValueError("temperature must be 0 or 1 with use_beam_search")
+            raise InvalidParameter("temperature", "temperature must be 0 or 1 with use_beam_search")
 
     @property
     def num_sequences(self) -> int:
@@ -124,19 +136,19 @@ class SamplingParams:
 
 def _check_int(name: str, value: object, minimum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidParameter(name, f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidParameter(name, f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_float(
     name: str, value: object, minimum: float | None = None, maximum: float | None = None
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise InvalidParameter(name, f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise InvalidParameter(name, f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidParameter(name, f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise InvalidParameter(name, f"{name} must be <= {maximum}, got {value}")

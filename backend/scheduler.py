@@ -18,6 +18,7 @@ its common history once and forks it again. A request that cannot fit even alone
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -25,6 +26,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagoda.backend.beam_search import advance_beams
+from pagoda.backend.errors import (
+    EngineError,
+    InvalidParameter,
+    KVCacheCapacityExceeded,
+    RequestRejected,
+)
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.model_output import BeamCandidates, ModelOutput
 from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
@@ -351,25 +358,38 @@ class Scheduler:
             self.blocks.free(seq)
             seq.reset_for_recompute()
 
-    def _fail(self, group: SequenceGroup, output: SchedulerOutput, message: str) -> None:
+    def _fail(self, group: SequenceGroup, output: SchedulerOutput, error: EngineError) -> None:
         if group in self.running:
             self.running.remove(group)
         self._release(group)
-        group.fail(message)
+        group.fail(error)
         group.status = GroupStatus.FINISHED
         output.failed.append(group)
-        logger.error("request %s failed: %s", group.request_id, message)
+        logger.error("request %s failed: %s", group.request_id, error)
 
-    def _never_fits(self, group: SequenceGroup) -> str | None:
-        """Why a group can never be scheduled, even alone; None when it can."""
+    def check_fits(self, group: SequenceGroup) -> None:
+        """Raise the RequestRejected of a group that could never run, even alone in an empty
+        cache, counting all the tokens its max_tokens lets it generate. Without max_tokens only
+        its tokens now count: it may stop at any length, so only what it holds must fit."""
+        growth_ratio = 0.0 if group.params.max_tokens is None else 1.0
+        error = self._never_fits(group, growth_ratio)
+        if error is not None:
+            raise error
+
+    def _never_fits(
+        self, group: SequenceGroup, growth_ratio: float = 0.0
+    ) -> RequestRejected | None:
+        """Why a group can never be scheduled, even alone, once it holds its tokens now and
+        `growth_ratio` of those it may still generate; None when it can."""
         num_seqs = len(group.live_seqs)
         if num_seqs > min(self.max_num_seqs, self.max_num_batched_tokens):
-            return (
+            return InvalidParameter(
+                "n" if group.params.best_of is None else "best_of",
                 f"request runs {num_seqs} sequences but a step takes at most {self.max_num_seqs} "
-                f"sequences and {self.max_num_batched_tokens} tokens"
+                f"sequences and {self.max_num_batched_tokens} tokens",
             )
-        if self._blocks_for_all_tokens(group) > self.blocks.pool.num_blocks:
-            return self._too_large_message(group)
+        if self._blocks_for_all_tokens(group, growth_ratio) > self.blocks.pool.num_blocks:
+            return self._too_large_message(group, growth_ratio)
         return None
 
     def _blocks_for_all_tokens(self, group: SequenceGroup, growth_ratio: float = 0.0) -> int:
@@ -392,11 +412,33 @@ class Scheduler:
             total += self.blocks.num_blocks_for(expected) - num_common
         return total
 
-    def _too_large_message(self, group: SequenceGroup) -> str:
-        return (
-            f"request needs {self._blocks_for_all_tokens(group)} KV blocks but the whole cache "
-            f"has {self.blocks.pool.num_blocks}; raise num_kv_blocks or lower max_tokens or n"
+    def _too_large_message(
+        self, group: SequenceGroup, growth_ratio: float = 0.0
+    ) -> KVCacheCapacityExceeded:
+        """The error of a group larger than the whole cache (its message says by how much)."""
+        return KVCacheCapacityExceeded(
+            self._blocks_for_all_tokens(group, growth_ratio), self.blocks.pool.num_blocks,
+            self.blocks.block_size, self._largest_fitting_request(group),
         )
+
+    def _largest_fitting_request(self, group: SequenceGroup) -> int | None:
+        """The largest prompt + max_tokens x n that fits the whole cache for `group`'s prompt and
+        number of samples, or None when not even max_tokens=1 does. Found by bisecting max_tokens
+        through _blocks_for_all_tokens, so it counts blocks exactly as admission does."""
+        # NOTE: a copy of the group whose max_tokens alone changes (set unvalidated: min_tokens
+        # may exceed it, which no block count reads).
+        params = dataclasses.replace(group.params)
+        probe = dataclasses.replace(group, params=params)
+        fitting, too_large = 0, self.max_model_len - len(group.prompt_token_ids) + 1
+        while too_large - fitting > 1:
+            params.max_tokens = (fitting + too_large) // 2
+            if self._blocks_for_all_tokens(probe, 1.0) <= self.blocks.pool.num_blocks:
+                fitting = params.max_tokens
+            else:
+                too_large = params.max_tokens
+        if fitting == 0:
+            return None
+        return len(group.prompt_token_ids) + fitting * len(group.live_seqs)
 
     def finish(self, group: SequenceGroup) -> None:
         """Remove a finished or aborted group from the queues and free its blocks."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagoda.backend.detokenizer import IncrementalDetokenizer
+from pagoda.backend.errors import EngineError
 from pagoda.backend.outputs import Logprob, RequestMetrics
 from pagoda.backend.sampling_params import SamplingParams
 
@@ -88,8 +89,7 @@ class SequenceGroup:
     seqs: list[Sequence]
     metrics: RequestMetrics
     status: GroupStatus = GroupStatus.WAITING
-    error: str | None = None
-    internal_error: bool = False  # see RequestOutput.internal_error
+    error: EngineError | None = None
     want_logprobs: bool = False
     beam: BeamSearchState | None = None
     beam_results: list[Hypothesis] | None = None  # the best hypotheses, once finished
@@ -125,9 +125,8 @@ class SequenceGroup:
             length = position
         return length
 
-    def fail(self, error: str, internal: bool = False) -> None:
+    def fail(self, error: EngineError) -> None:
         self.error = error
-        self.internal_error = internal
         for seq in self.live_seqs:
             seq.finish("error")
 

@@ -27,15 +27,18 @@ def server(demo_model_dir) -> Iterator[tuple[str, Any]]:
     from pagoda.adapters.openai import ServerSettings, create_app
     from pagoda.backend import EngineConfig, LLMEngine
     from pagoda.backend.async_engine import AsyncEngine
+    from pagoda.backend.engine_client import EngineClient
 
+    # The AsyncEngine is what the tests get: its LLMEngine is checked for leaks.
     engine = AsyncEngine(LLMEngine(EngineConfig(
         model=str(demo_model_dir), dtype="float32", device="cpu", num_kv_blocks=64,
         max_num_batched_tokens=128, max_model_len=512,
     )))
-    engine.start()
-    worker = FastChatWorker(engine, [FASTCHAT_MODEL], resolve_conv_template(None, None, ["x"]))
+    client = EngineClient(engine)
+    client.start()
+    worker = FastChatWorker(client, [FASTCHAT_MODEL], resolve_conv_template(None, None, ["x"]))
     settings = ServerSettings(port=free_port(), api_key=API_KEY, uvicorn_log_level="warning")
-    app = create_app(engine, settings, worker_routes(worker, MAX_REQUEST_BYTES))
+    app = create_app(client, settings, worker_routes(worker, MAX_REQUEST_BYTES))
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port,
                                        log_level="warning", limit_concurrency=1024))
     thread = threading.Thread(target=uv.run, name="load-test-server", daemon=True)
@@ -47,4 +50,4 @@ def server(demo_model_dir) -> Iterator[tuple[str, Any]]:
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
-        engine.shutdown()
+        client.shutdown()

@@ -27,7 +27,7 @@ class RunningServer:
     base_url: str  # http://127.0.0.1:PORT
     api_key: str
     model: str
-    engine: object  # the AsyncEngine
+    engine: object  # the AsyncEngine behind the server's EngineClient (for leak checks)
 
     @property
     def v1(self) -> str:
@@ -63,18 +63,20 @@ def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
     from pagoda.adapters.openai import ServerSettings, create_app
     from pagoda.backend import EngineConfig, LLMEngine
     from pagoda.backend.async_engine import AsyncEngine
+    from pagoda.backend.engine_client import EngineClient
 
     engine = AsyncEngine(LLMEngine(EngineConfig(
         model=str(demo_model_dir), dtype="float32", device="cpu", num_kv_blocks=512,
         max_model_len=MAX_MODEL_LEN,
     )))
-    engine.start()
+    client = EngineClient(engine)
+    client.start()
     settings = ServerSettings(
         port=free_port(), served_model_names=[MODEL_NAME], api_key=API_KEY,
         max_request_bytes=MAX_REQUEST_BYTES, uvicorn_log_level="warning",
     )
     server = uvicorn.Server(uvicorn.Config(
-        create_app(engine, settings), host="127.0.0.1", port=settings.port,
+        create_app(client, settings), host="127.0.0.1", port=settings.port,
         log_level=settings.uvicorn_log_level,
     ))
     thread = threading.Thread(target=server.run, name="openai-test-server", daemon=True)
@@ -89,7 +91,7 @@ def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-        engine.shutdown()
+        client.shutdown()
 
 
 def wait_until_idle(engine, timeout: float = 30.0) -> None:

@@ -10,6 +10,7 @@ import pytest
 from pagoda.backend import LLMEngine, SamplingParams
 from pagoda.backend.async_engine import AsyncEngine
 from pagoda.backend.config import EngineConfig
+from pagoda.backend.errors import InvalidParameter, RequestFailed
 
 
 @pytest.fixture
@@ -48,12 +49,29 @@ def test_concurrent_streams_match_offline_results(async_engine, demo_model_dir):
 
 def test_rejected_request_raises_and_others_continue(async_engine):
     async def main():
-        with pytest.raises(ValueError, match="empty"):
+        with pytest.raises(InvalidParameter, match="empty") as caught:
             await collect(async_engine, "bad", [], SamplingParams())
+        assert caught.value.field == "prompt"
         return await collect(async_engine, "good", [1, 5], SamplingParams(max_tokens=3))
 
     outputs = asyncio.run(main())
     assert outputs[-1].finished
+
+
+def test_a_bug_while_queueing_fails_that_request_not_the_engine(async_engine, monkeypatch):
+    def broken_add_request(*args, **kwargs):
+        raise TypeError("a bug")
+
+    async def main():
+        with monkeypatch.context() as patch:
+            patch.setattr(async_engine.engine, "add_request", broken_add_request)
+            with pytest.raises(RequestFailed, match="TypeError: a bug") as caught:
+                await collect(async_engine, "bad", [1, 5], SamplingParams())
+            assert caught.value.internal
+        return await collect(async_engine, "good", [1, 5], SamplingParams(max_tokens=3))
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and async_engine.is_running
 
 
 def test_cancelled_stream_aborts_and_frees_blocks(async_engine):

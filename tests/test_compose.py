@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pagoda.adapters.cli import MODEL_ENV, build_parser
+from pagoda.adapters.cli import build_parser
+from pagoda.adapters.common.engine_args import MODEL_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"

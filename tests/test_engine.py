@@ -7,6 +7,7 @@ import pytest
 
 from pagoda.backend import LLM, LLMEngine, SamplingParams
 from pagoda.backend.config import EngineConfig
+from pagoda.backend.errors import InvalidParameter, KVCacheCapacityExceeded, PromptTooLong
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,26 @@ def run_to_completion(engine: LLMEngine) -> dict[str, list]:
     return history
 
 
-def test_bad_requests_raise_naming_the_problem(llm):
+def test_bad_requests_raise_naming_the_field(llm):
     engine = llm.engine
-    with pytest.raises(ValueError, match="empty"):
-        engine.add_request("a", [], SamplingParams())
-    with pytest.raises(ValueError, match="prompt: token id"):
-        engine.add_request("b", [1, 10**9], SamplingParams())
-    with pytest.raises(ValueError, match="stop_token_ids"):
-        engine.add_request("c", [1, 5], SamplingParams(stop_token_ids=[10**9]))
-    with pytest.raises(ValueError, match="max_model_len"):
-        engine.add_request("d", [1] * engine.max_model_len, SamplingParams())
-    engine.add_request("f", [1, 5], SamplingParams(max_tokens=2))
-    with pytest.raises(ValueError, match="already in use"):
-        engine.add_request("f", [1, 5], SamplingParams())
+    for request_id, prompt, params, field in (
+        ("a", [], SamplingParams(), "prompt"),
+        ("b", [1, 10**9], SamplingParams(), "prompt"),
+        ("c", [1, 5], SamplingParams(stop_token_ids=[10**9]), "stop_token_ids"),
+        ("d", [1, 5], SamplingParams(logit_bias={10**9: 1.0}), "logit_bias"),
+        ("e", [1, 5], SamplingParams(n=300), "n"),  # more samples than a step runs
+        ("e", [1, 5], SamplingParams(n=2, best_of=300), "best_of"),
+    ):
+        with pytest.raises(InvalidParameter) as caught:
+            engine.add_request(request_id, prompt, params)
+        assert caught.value.field == field and isinstance(caught.value, ValueError)
+    with pytest.raises(PromptTooLong, match="max_model_len") as too_long:
+        engine.add_request("f", [1] * engine.max_model_len, SamplingParams())
+    assert (too_long.value.field, too_long.value.prompt_len) == ("prompt", engine.max_model_len)
+    assert too_long.value.max_model_len == engine.max_model_len
+    engine.add_request("g", [1, 5], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidParameter, match="already in use"):
+        engine.add_request("g", [1, 5], SamplingParams())
     run_to_completion(engine)
 
 
@@ -53,18 +61,44 @@ def test_bad_requests_raise_naming_the_problem(llm):
      ("temperature", float("nan")), ("best_of", 0)],
 )
 def test_sampling_params_name_the_bad_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InvalidParameter, match=field) as caught:
         SamplingParams(**{field: value})
+    assert caught.value.field == field
 
 
-def test_request_too_large_for_the_cache_fails_alone(demo_model_dir):
-    # 4 blocks of 16 tokens: one sequence fits, four samples of a 30-token prompt never can.
+def test_a_request_larger_than_the_whole_cache_is_refused_before_anything_is_queued(
+    demo_model_dir,
+):
+    # 64 blocks of 16 tokens. 4 samples of a 200-token prompt share its 12 full blocks; with
+    # max_tokens 400 each needs 26 blocks of its own: 116 in all.
+    engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64))
+    params = SamplingParams(n=4, max_tokens=400)
+    with pytest.raises(KVCacheCapacityExceeded) as caught:
+        engine.add_request("big", [1] + [7] * 199, params)
+    error = caught.value
+    assert isinstance(error, ValueError)
+    assert (error.num_blocks_needed, error.num_blocks_total, error.block_size) == (116, 64, 16)
+    # At most 13 blocks of each sample's own: 25 blocks of 16 tokens, max_tokens 200.
+    assert error.max_request_tokens == 200 + 200 * 4
+    assert not engine.has_unfinished_requests() and not engine.scheduler.has_unfinished()
+    assert engine.block_manager.pool.num_used_blocks == 0
+    # The same prompt fits with max_tokens at that limit.
+    engine.add_request("fits", [1] + [7] * 199, SamplingParams(n=4, max_tokens=200))
+    engine.abort("fits")
+    engine.check_no_leaks()
+
+
+def test_request_outgrowing_the_cache_fails_alone(demo_model_dir):
+    # 4 blocks of 16 tokens: two samples of a 20-token prompt fit (3 blocks), but without
+    # max_tokens they grow until they cannot, even alone.
     engine = LLMEngine(EngineConfig(model=str(demo_model_dir), num_kv_blocks=4))
-    engine.add_request("big", [1] + [7] * 29, SamplingParams(n=4, max_tokens=20, seed=1))
+    engine.add_request("big", [1] + [7] * 19, SamplingParams(n=2, max_tokens=None, seed=1,
+                                                            ignore_eos=True))
     engine.add_request("small", [1, 7, 8], SamplingParams(max_tokens=5, ignore_eos=True))
     history = run_to_completion(engine)
     big = history["big"][-1]
-    assert big.finished and big.error and "KV blocks" in big.error
+    assert big.finished and isinstance(big.error, KVCacheCapacityExceeded)
+    assert not big.error.internal and "KV blocks" in str(big.error)
     assert all(c.finish_reason == "error" for c in big.outputs)
     small = history["small"][-1]
     assert small.error is None and len(small.outputs[0].token_ids) == 5

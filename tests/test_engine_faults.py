@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
+from combined_server import server  # noqa: F401  (the FastChat test's server fixture)
+from openai_server import wait_until_idle
 from pagoda.backend import LLM, LLMEngine, SamplingParams
+from pagoda.backend.errors import RequestFailed
 from pagoda.backend.sequence import SequenceGroup
 
 PROMPTS = {
@@ -66,8 +69,8 @@ def test_a_fault_fails_only_its_request(llm, when):
 
     engine.fault_injector = fail_when(culprit)
     finals = run(engine)
-    assert finals["c"].error and "injected fault for c" in finals["c"].error
-    assert finals["c"].internal_error
+    assert isinstance(finals["c"].error, RequestFailed) and finals["c"].error.internal
+    assert "injected fault for c" in str(finals["c"].error)
     assert finals["c"].outputs[0].finish_reason == "error"
     for request_id in "abd":
         assert finals[request_id].error is None
@@ -83,7 +86,7 @@ def test_a_fault_in_a_parallel_sampling_or_beam_request(llm):
     expected = run(engine, params)
     engine.fault_injector = fail_when(lambda group: group.request_id == "b")
     finals = run(engine, params)
-    assert finals["b"].internal_error
+    assert finals["b"].error.internal
     for request_id in "acd":
         assert [c.text for c in finals[request_id].outputs] == [
             c.text for c in expected[request_id].outputs
@@ -94,7 +97,7 @@ def test_every_request_failing_leaves_the_engine_usable(llm):
     engine = llm.engine
     engine.fault_injector = fail_when(lambda group: True)
     finals = run(engine)
-    assert all(output.internal_error for output in finals.values())
+    assert all(output.error.internal for output in finals.values())
     engine.fault_injector = None
     assert all(output.error is None for output in run(engine).values())
 
@@ -157,3 +160,23 @@ def test_a_fault_through_the_openai_server(openai_server):
     assert faulty_stream.status_code == 500
     assert faulty_stream.json()["error"]["code"] == "engine_error"
     assert fine_stream.status_code == 200 and '"finish_reason":"length"' in fine_stream.text
+
+
+def test_a_fault_through_the_fastchat_worker(server):  # noqa: F811
+    """The faulty request ends with FastChat's 50001; the one after it is served."""
+    import httpx
+
+    base_url, engine = server
+    engine.engine.fault_injector = fail_when(lambda group: "FAULT" in (group.prompt or ""))
+    body = {"max_new_tokens": 4, "temperature": 0, "echo": False}
+    try:
+        faulty = httpx.post(f"{base_url}/worker_generate", json={**body, "prompt": "FAULT here"},
+                            timeout=60).json()
+        fine = httpx.post(f"{base_url}/worker_generate", json={**body, "prompt": "Hello there"},
+                          timeout=60).json()
+    finally:
+        engine.engine.fault_injector = None
+    assert faulty["error_code"] == 50001 and "injected fault" in faulty["text"]
+    assert fine["error_code"] == 0 and fine["usage"]["completion_tokens"] >= 1
+    wait_until_idle(engine)
+    engine.engine.check_no_leaks()

@@ -14,7 +14,7 @@ from pagoda.adapters.fastchat.protocol import (
     ErrorCode,
     GenerateRequest,
     WorkerError,
-    engine_rejection,
+    engine_error,
 )
 from pagoda.adapters.fastchat.registration import (
     HEART_BEAT_INTERVAL_ENV,
@@ -25,6 +25,13 @@ from pagoda.adapters.fastchat.server import (
     default_model_name,
     default_worker_address,
     expand_worker_address,
+)
+from pagoda.backend.errors import (
+    EngineError,
+    InvalidParameter,
+    KVCacheCapacityExceeded,
+    PromptTooLong,
+    RequestFailed,
 )
 from pagoda.backend.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -80,14 +87,21 @@ def test_bad_requests_get_fastchat_codes(body, code):
     assert caught.value.chunk() == {"text": str(caught.value), "error_code": int(code)}
 
 
-def test_engine_rejections():
-    overflow = ValueError("prompt has 9000 tokens; max_model_len is 4096, which must ...")
-    assert engine_rejection(overflow).code == ErrorCode.CONTEXT_OVERFLOW
-    vocabulary = ValueError("stop_token_ids: token id 99999 is outside the vocabulary")
-    assert engine_rejection(vocabulary).code == ErrorCode.PARAM_OUT_OF_RANGE
+@pytest.mark.parametrize(("error", "code"), [
+    (PromptTooLong(9000, 4096), ErrorCode.CONTEXT_OVERFLOW),
+    (InvalidParameter("stop_token_ids", "token id 99999 is outside the vocabulary"),
+     ErrorCode.PARAM_OUT_OF_RANGE),
+    (KVCacheCapacityExceeded(116, 64, 16, 1000), ErrorCode.PARAM_OUT_OF_RANGE),
+    (RequestFailed("the model failed on this request"), ErrorCode.INTERNAL_ERROR),
+])
+def test_engine_errors_map_to_fastchat_codes_by_type(error, code):
+    assert engine_error(error).code == code
+    assert engine_error(error).chunk()["text"] == str(error)
 
 
-def _output(text: str, finish_reason: str | None, error: str | None = None) -> RequestOutput:
+def _output(
+    text: str, finish_reason: str | None, error: EngineError | None = None
+) -> RequestOutput:
     completion = CompletionOutput(0, text, [5] * len(text), None, None, finish_reason)
     return RequestOutput("r", "Hi", [1, 7], [completion], finish_reason is not None,
                          RequestMetrics(0.0), error)
@@ -103,13 +117,17 @@ def test_chunks_grow_and_end_like_fastchat_workers():
     assert last[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
 
 
-def test_a_failed_request_ends_with_an_internal_error():
+@pytest.mark.parametrize(("error", "code"), [
+    (RequestFailed("the model failed on this request"), ErrorCode.INTERNAL_ERROR),
+    (KVCacheCapacityExceeded(5, 4, 16, None), ErrorCode.PARAM_OUT_OF_RANGE),
+])
+def test_a_failed_request_ends_with_its_error_code(error, code):
     request = GenerateRequest.parse({"prompt": "Hi", "echo": False})
     builder = ChunkBuilder(request, request.sampling_params(), tokenizer=None)
     with pytest.raises(WorkerError) as caught:
-        builder.chunks(_output("a", "error", error="cannot fit the KV cache"))
-    assert caught.value.code == ErrorCode.INTERNAL_ERROR
-    assert "KV cache" in str(caught.value)
+        builder.chunks(_output("a", "error", error=error))
+    assert caught.value.code == code
+    assert str(caught.value) == str(error)
 
 
 def test_builtin_template_without_fschat(monkeypatch):

@@ -165,6 +165,8 @@ def test_best_of_and_beam_search_send_only_the_final_text(worker, extra):
     ({"prompt": "Hi", "logprobs": -1}, 40302),
     ({"prompt": "Hi", "stop_token_ids": [10**9]}, 40302),
     ({"prompt": "word " * (MAX_MODEL_LEN + 10)}, 40303),
+    # 8 samples of up to 1000 tokens need 504 KV blocks; the worker has 256.
+    ({"prompt": "Hi", "best_of": 8, "temperature": 1.0, "max_new_tokens": 1000}, 40302),
     ({"prompt": "Hi", "temperature": "hot"}, 40001),
     ({"max_new_tokens": 4}, 40001),
     ("not an object", 40001),

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from combined_server import FASTCHAT_MODEL, server  # noqa: F401  (the module's server fixture)
-from openai_server import wait_until_idle
+from openai_server import MAX_REQUEST_BYTES, wait_until_idle
 from test_fuzz_openai import JSON_VALUES, NASTY, RAW_BODIES, encode
 
 FIELDS = ["model", "prompt", "temperature", "top_p", "top_k", "max_new_tokens", "stop",
@@ -83,3 +83,13 @@ def test_arbitrary_json_bodies(client, path, body):
 @pytest.mark.parametrize("name", sorted(RAW_BODIES))
 def test_raw_bodies(client, path, name):
     send(client, path, RAW_BODIES[name])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_body_over_the_limit_is_a_validation_error(client, path):
+    body = encode({"prompt": "x" * MAX_REQUEST_BYTES})
+    for content in (body, iter([body])):  # with a Content-Length, then chunked
+        response = client.post(path, content=content)
+        assert response.status_code == 200
+        chunk = json.loads(response.content.rstrip(b"\0"))
+        assert chunk["error_code"] == 40001 and "exceeds the limit" in chunk["text"], chunk

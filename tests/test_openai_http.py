@@ -141,11 +141,28 @@ def test_message_roles_and_text_parts(http):
     assert rendered.endswith("Be brief.\nNo lists. USER: Hi ASSISTANT: </s>USER: Again ASSISTANT:")
 
 
-def test_engine_failing_a_request_fails_only_that_one(http):
-    """40 samples of 256 tokens need 680 KV blocks; the cache has 512: the engine fails the
-    request mid-stream (an error event, then [DONE]) while another request completes."""
-    doomed = {"prompt": "x", "n": 40, "max_tokens": 256, "ignore_eos": True, "stream": True}
-    with http.stream("POST", "/v1/completions", json=doomed) as response:
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_larger_than_the_whole_kv_cache_is_refused_up_front(http, stream):
+    """40 samples of up to 256 tokens need 680 KV blocks; the cache has 512: a 400 before
+    anything runs, for a stream too (no 200 then an error event)."""
+    body = {"prompt": "x", "n": 40, "max_tokens": 256, "stream": stream}
+    error = assert_error(http.post("/v1/completions", json=body), 400, None,
+                         "kv_cache_capacity_exceeded")
+    assert "needs 680 KV blocks" in error["message"] and "has 512" in error["message"]
+    # The limit in the user's terms: 12 blocks of 16 tokens per sample, prompt of 2 tokens.
+    assert "prompt + max_tokens x n can be at most 7602 tokens" in error["message"]
+    body = {"messages": USER, "n": 40, "max_completion_tokens": 256, "stream": stream}
+    assert_error(http.post("/v1/chat/completions", json=body), 400, None,
+                 "kv_cache_capacity_exceeded")
+
+
+def test_a_request_outgrowing_the_kv_cache_fails_alone_mid_stream(http):
+    """Without max_tokens, 40 samples fit at first but grow to up to 32 blocks each, 1280 in
+    all; the cache has 512: the engine fails the request mid-stream (an error event, then
+    [DONE]) while another request completes."""
+    doomed = {"messages": USER, "n": 40, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=doomed) as response:
+        assert response.status_code == 200
         events = (line for line in response.iter_lines() if line)
         assert next(events).startswith("data: {")
         other = http.post("/v1/completions", json={"prompt": "y", "max_tokens": 3})
@@ -171,6 +188,8 @@ def test_engine_failing_a_request_fails_only_that_one(http):
     ("top_logprobs", 3, "top_logprobs"),  # without logprobs: true
     ("response_format", {"type": "json_object"}, "response_format"),
     ("stop_token_ids", [10**9], "stop_token_ids"),
+    ("logit_bias", {str(10**9): 1}, "logit_bias"),  # outside the vocabulary: the engine's check
+    ("n", 300, "n"),  # more samples than a step runs (max_num_seqs): the engine's check
     ("temperature", "hot", "temperature"),
     ("messages", [{"role": "tool", "content": "x"}], "messages[0].role"),
     ("messages", [{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content"),
@@ -191,6 +210,8 @@ def test_invalid_chat_parameter_is_400_naming_it(http, field, value, param):
     ({"prompt": "x", "logprobs": 99}, "logprobs"),
     ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
     ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"prompt": "x", "n": 2, "best_of": 300}, "best_of"),
 ])
 def test_invalid_completion_parameter_is_400_naming_it(http, body, param):
     assert_error(http.post("/v1/completions", json=body), 400, param)

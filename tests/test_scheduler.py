@@ -12,6 +12,7 @@ import time
 import pytest
 
 from pagoda.backend.beam_search import BeamSearchState
+from pagoda.backend.errors import InvalidParameter, KVCacheCapacityExceeded
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.outputs import RequestMetrics
@@ -281,7 +282,7 @@ def test_group_with_more_samples_than_max_num_seqs_fails_instead_of_blocking() -
     loop.add(too_wide, later)
     output = loop.step()
     assert output.failed == [too_wide]
-    assert too_wide.error is not None
+    assert isinstance(too_wide.error, InvalidParameter) and too_wide.error.field == "n"
     assert scheduled(output) == [("B", 0, 4)]
 
 
@@ -456,7 +457,9 @@ def test_a_group_larger_than_the_pool_fails_at_admission_at_once() -> None:
     assert scheduled(output) == [("A", 0, 1), ("C", 0, 4)]
     assert huge.status is GroupStatus.FINISHED
     assert huge.seqs[0].finish_reason == "error"
-    assert "5 KV blocks" in huge.error and "has 4" in huge.error and "num_kv_blocks" in huge.error
+    assert isinstance(huge.error, KVCacheCapacityExceeded)
+    assert (huge.error.num_blocks_needed, huge.error.num_blocks_total) == (5, 4)
+    assert "5 KV blocks" in str(huge.error) and "has 4" in str(huge.error)
     assert huge not in loop.scheduler.waiting and huge not in loop.scheduler.running
     assert huge.seqs[0].seq_id not in loop.blocks.block_tables
     assert loop.blocks.pool.num_evictions == 0
@@ -466,6 +469,36 @@ def test_a_group_larger_than_the_pool_fails_at_admission_at_once() -> None:
     assert later.seqs[0].output_token_ids == [1000]
     assert later.error is None
     loop.check_no_leaks()
+
+
+def test_check_fits_counts_every_token_max_tokens_allows() -> None:
+    loop = SchedulerLoop(num_blocks=16)  # blocks of 4 tokens
+    # Two samples of a 10-token prompt share its 2 full blocks; the rest is each sample's own.
+    loop.scheduler.check_fits(make_group("A", 10, n=2, max_tokens=15))  # 2 + 2 x 5 blocks
+    too_large = make_group("B", 10, n=2, max_tokens=30)  # 2 + 2 x 8 blocks
+    with pytest.raises(KVCacheCapacityExceeded) as caught:
+        loop.scheduler.check_fits(too_large)
+    error = caught.value
+    assert (error.num_blocks_needed, error.num_blocks_total, error.block_size) == (18, 16, 4)
+    # max_tokens 26 is the most that fits (2 + 2 x 7 blocks): 10 + 26 x 2 tokens.
+    assert error.max_request_tokens == 62
+    assert "at most 62 tokens" in str(error)
+    assert not loop.scheduler.has_unfinished() and loop.blocks.pool.num_used_blocks == 0
+
+
+def test_check_fits_without_max_tokens_counts_only_the_tokens_now() -> None:
+    loop = SchedulerLoop(num_blocks=16)
+    open_ended = make_group("A", 10, n=2)
+    open_ended.params.max_tokens = None  # may generate up to max_model_len, or stop at once
+    loop.scheduler.check_fits(open_ended)
+    huge = make_group("B", 70)
+    huge.params.max_tokens = None
+    with pytest.raises(KVCacheCapacityExceeded) as caught:
+        loop.scheduler.check_fits(huge)
+    assert caught.value.num_blocks_needed == 18 and caught.value.max_request_tokens is None
+    with pytest.raises(InvalidParameter) as too_wide:
+        loop.scheduler.check_fits(make_group("C", 4, n=9))  # max_num_seqs is 8
+    assert too_wide.value.field == "n"
 
 
 def test_a_sequence_that_outgrows_the_pool_while_alone_fails() -> None:
@@ -479,7 +512,7 @@ def test_a_sequence_that_outgrows_the_pool_while_alone_fails() -> None:
     assert output.failed == [group]
     assert output.scheduled == [] and output.preempted == []
     assert loop.scheduler.num_preemptions == 0
-    assert group.error is not None and "num_kv_blocks" in group.error
+    assert isinstance(group.error, KVCacheCapacityExceeded) and "num_kv_blocks" in str(group.error)
     assert group.seqs[0].finish_reason == "error"
     loop.check_no_leaks()
 

@@ -12,7 +12,12 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pagoda.adapters.fastchat.logprobs import LogprobsFormatter
-from pagoda.adapters.fastchat.protocol import ErrorCode, GenerateRequest, WorkerError
+from pagoda.adapters.fastchat.protocol import (
+    ErrorCode,
+    GenerateRequest,
+    WorkerError,
+    engine_error,
+)
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
 
@@ -46,10 +51,10 @@ class ChunkBuilder:
             self._last_text = text
             return [self._chunk(output, text, None)]
         reason = completion.finish_reason
+        if output.error is not None:
+            raise engine_error(output.error)
         if reason not in FASTCHAT_FINISH_REASONS:
-            raise WorkerError(
-                ErrorCode.INTERNAL_ERROR, output.error or f"generation ended with {reason!r}"
-            )
+            raise WorkerError(ErrorCode.INTERNAL_ERROR, f"generation ended with {reason!r}")
         final = self._chunk(output, text, reason)
         if text == self._last_text:
             return [final]

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pagoda.backend.errors import EngineError, InvalidParameter, PromptTooLong
 from pagoda.backend.sampling_params import SamplingParams
 
 # FastChat's default when a request names no max_new_tokens (fastchat/serve/inference.py).
@@ -109,17 +110,17 @@ class GenerateRequest(BaseModel):
                 max_tokens=self.max_new_tokens,
                 logprobs=self.logprobs,
             )
-        except ValueError as error:
-            raise WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, str(error)) from None
+        except InvalidParameter as error:
+            raise engine_error(error) from None
 
 
-def engine_rejection(error: ValueError) -> WorkerError:
-    """The FastChat error for a request the engine refused to queue."""
-    message = str(error)
-    # NOTE: the engine's over-long prompt error is the one that names max_model_len.
-    if "max_model_len" in message:
-        return WorkerError(ErrorCode.CONTEXT_OVERFLOW, message)
-    return WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, message)
+def engine_error(error: EngineError) -> WorkerError:
+    """The FastChat error for a request the engine refused or failed."""
+    if error.internal:
+        return WorkerError(ErrorCode.INTERNAL_ERROR, str(error))
+    if isinstance(error, PromptTooLong):
+        return WorkerError(ErrorCode.CONTEXT_OVERFLOW, str(error))
+    return WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, str(error))
 
 
 def error_chunk(code: ErrorCode, message: str) -> dict[str, Any]:

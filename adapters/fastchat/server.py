@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import functools
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -16,24 +16,20 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pagoda.adapters.draining import (
-    DEFAULT_SHUTDOWN_TIMEOUT,
-    Drain,
-    DrainingServer,
-    DrainMiddleware,
-)
+from pagoda.adapters.common.body import DEFAULT_MAX_REQUEST_BYTES
+from pagoda.adapters.common.draining import DEFAULT_SHUTDOWN_TIMEOUT, serve_draining
 from pagoda.adapters.fastchat.conv_template import resolve_conv_template
+from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError
 from pagoda.adapters.fastchat.registration import (
     ControllerRegistration,
     check_http_url,
     heart_beat_interval_from_env,
 )
-from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError
 from pagoda.adapters.fastchat.worker import DEFAULT_LIMIT_WORKER_CONCURRENCY, FastChatWorker
-from pagoda.adapters.fastchat.worker_app import DEFAULT_MAX_REQUEST_BYTES, worker_routes
-from pagoda.backend import EngineConfig, LLMEngine
-from pagoda.backend.async_engine import AsyncEngine
+from pagoda.adapters.fastchat.worker_app import worker_routes
+from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import DEMO_MODEL_NAME
+from pagoda.backend.engine_client import EngineClient
 
 DEFAULT_CONTROLLER_ADDRESS = "http://localhost:21001"  # FastChat's default
 DEFAULT_WORKER_PORT = 21002  # FastChat's default
@@ -120,26 +116,20 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
     model_names = args.model_names or [default_model_name(config.model)]
     conv_template = resolve_conv_template(args.conv_template, config.model, model_names)
 
-    engine = AsyncEngine(LLMEngine(config))
-    engine.start()
-    worker = FastChatWorker(engine, model_names, conv_template, args.limit_worker_concurrency,
-                            args.max_waiting_requests)
-    registration = None if args.no_register else ControllerRegistration(
-        controller_address, worker_address, worker.status, heart_beat_interval
-    )
-    drain = Drain()
-    routes = worker_routes(worker, args.max_request_bytes)
-    app = DrainMiddleware(Starlette(routes=routes), drain, _shutting_down)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
-    server = DrainingServer(config, drain, args.shutdown_timeout)
-    try:
-        # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the
-        # normal way to stop (uvicorn.run swallows it the same way).
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(registered_serving(server, registration))
-    finally:
-        engine.shutdown()
+    with EngineClient.from_config(config) as client:
+        worker = FastChatWorker(client, model_names, conv_template, args.limit_worker_concurrency,
+                                args.max_waiting_requests)
+        keep_registered = None
+        if not args.no_register:
+            registration = ControllerRegistration(
+                controller_address, worker_address, worker.status, heart_beat_interval
+            )
+            keep_registered = functools.partial(_register_once_started, registration=registration)
+        serve_draining(
+            Starlette(routes=worker_routes(worker, args.max_request_bytes)), host=args.host,
+            port=args.port, shutdown_timeout=args.shutdown_timeout, refusal=_shutting_down,
+            alongside=keep_registered, log_level="info", timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        )
     return 0
 
 
@@ -157,8 +147,8 @@ class AttachedWorker:
     heart_beat_interval: float
     worker: FastChatWorker | None = None
 
-    def routes(self, engine: AsyncEngine) -> list[Route]:
-        self.worker = FastChatWorker(engine, self.model_names, self.conv_template,
+    def routes(self, client: EngineClient) -> list[Route]:
+        self.worker = FastChatWorker(client, self.model_names, self.conv_template,
                                      max_waiting_requests=self.max_waiting_requests)
         return worker_routes(self.worker)
 
@@ -192,25 +182,11 @@ def attached_worker_from_args(
                           max_waiting_requests, heart_beat_interval)
 
 
-async def registered_serving(
-    server: uvicorn.Server, registration: ControllerRegistration | None
-) -> None:
-    """Run `server`, keeping the worker registered from the moment it accepts connections (the
-    controller may call back at once) until it stops."""
-    keeper = asyncio.create_task(_register_once_started(server, registration))
-    try:
-        await server.serve()
-    finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
-
-
 async def _register_once_started(
-    server: uvicorn.Server, registration: ControllerRegistration | None
+    server: uvicorn.Server, registration: ControllerRegistration
 ) -> None:
-    if registration is None:
-        return
+    """Keep the worker registered from the moment `server` accepts connections (the controller
+    may call back at once) until cancelled."""
     while not server.started:
         await asyncio.sleep(STARTED_POLL_SECONDS)
     await registration.run()

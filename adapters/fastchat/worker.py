@@ -1,4 +1,4 @@
-"""FastChatWorker: one AsyncEngine behind FastChat's model-worker protocol, transport aside."""
+"""FastChatWorker: one engine behind FastChat's model-worker protocol, transport aside."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from pagoda.adapters.fastchat.protocol import (
     ErrorCode,
     GenerateRequest,
     WorkerError,
-    engine_rejection,
+    engine_error,
 )
-from pagoda.backend.async_engine import AsyncEngine
+from pagoda.backend.engine_client import EngineClient
+from pagoda.backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class FastChatWorker:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        client: EngineClient,
         model_names: list[str],
         conv_template: dict[str, Any],
         limit_worker_concurrency: int = DEFAULT_LIMIT_WORKER_CONCURRENCY,
@@ -46,7 +47,7 @@ class FastChatWorker:
             )
         if max_waiting_requests is not None and max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {max_waiting_requests}")
-        self.engine = engine
+        self.client = client
         self.model_names = list(model_names)
         self.conv_template = conv_template
         self.limit_worker_concurrency = limit_worker_concurrency
@@ -60,23 +61,23 @@ class FastChatWorker:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.engine.engine.tokenizer
+        return self.client.info.tokenizer
 
     @property
     def context_length(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.client.info.max_model_len
 
     def queue_length(self) -> int:
         """What the controller balances on: the engine's running and waiting requests (all of
         them, OpenAI traffic included when one engine serves both), plus requests waiting here
         for a concurrency slot."""
-        snapshot = self.engine.snapshot
+        snapshot = self.client.snapshot
         return snapshot.num_running + snapshot.num_waiting + self._num_waiting_for_slot
 
     def status(self) -> dict[str, Any]:
         """FastChat's worker status; "engine" is Pagoda's addition (FastChat's controller reads
         only the first three keys)."""
-        snapshot = self.engine.snapshot
+        snapshot = self.client.snapshot
         return {
             "model_names": self.model_names,
             "speed": 1,
@@ -90,11 +91,8 @@ class FastChatWorker:
         }
 
     def count_tokens(self, prompt: str) -> int:
-        # NOTE: the same rule as the engine's own encoding: a prompt that starts with the BOS
-        # token (as rendered chat templates do) gets no second one.
-        bos = self.tokenizer.bos_token
-        add_special_tokens = not (bos and prompt.startswith(bos))
-        return len(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        """The prompt's tokens, counted as a request with this prompt runs them."""
+        return len(self.client.encode(prompt))
 
     async def generate_stream(self, body: Any) -> AsyncIterator[dict[str, Any]]:
         """FastChat's chunks for one request; an error is the last chunk. Closing the iterator
@@ -111,7 +109,7 @@ class FastChatWorker:
                 # rather than whenever the inner generator is garbage-collected.
                 # FastChat's chunks are cumulative, so a stream that fell behind sends only the
                 # newest text rather than a backlog of ever longer stale ones.
-                outputs = self.engine.generate(request_id, request.prompt, params,
+                outputs = self.client.generate(request_id, request.prompt, params,
                                                newest_only=True)
                 self._num_unstarted += 1
                 started = False
@@ -123,11 +121,10 @@ class FastChatWorker:
                                 self._num_unstarted -= 1
                             for chunk in builder.chunks(output):
                                 yield chunk
-                except ValueError as error:
-                    raise engine_rejection(error) from None
-                except RuntimeError as error:
-                    logger.warning("request %s failed: %s", request_id, error)
-                    raise WorkerError(ErrorCode.INTERNAL_ERROR, str(error)) from None
+                except EngineError as error:
+                    if error.internal:
+                        logger.warning("request %s failed: %s", request_id, error)
+                    raise engine_error(error) from None
                 finally:
                     if not started:
                         self._num_unstarted -= 1
@@ -154,7 +151,7 @@ class FastChatWorker:
         max_waiting_requests requests already wait, in the engine or for a slot."""
         if self.max_waiting_requests is None:
             return
-        in_engine = max(self.engine.snapshot.num_waiting, self._num_unstarted)
+        in_engine = max(self.client.snapshot.num_waiting, self._num_unstarted)
         num_waiting = in_engine + self._num_waiting_for_slot
         if num_waiting >= self.max_waiting_requests:
             raise WorkerError(

@@ -7,7 +7,6 @@ controller read errors from there and reduce any other status to a code-less fai
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +15,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pagoda.adapters.disconnect import ClientDisconnected, unless_disconnected
+from pagoda.adapters.common.body import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    RequestBodyError,
+    read_json_body,
+)
+from pagoda.adapters.common.disconnect import ClientDisconnected, unless_disconnected
 from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError, encode_chunk
 from pagoda.adapters.fastchat.worker import FastChatWorker
+
 
 class NulDelimitedStream(StreamingResponse):
     """FastChat's stream: JSON chunks each followed by a NUL byte."""
@@ -34,10 +39,6 @@ class NulDelimitedStream(StreamingResponse):
             # suspended; closing it now aborts the engine request and frees its concurrency slot
             # at once instead of whenever the generator is garbage-collected.
             await self.body_iterator.aclose()
-
-
-# The OpenAI server's default body limit; FastChat's own requests are a few KiB.
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
 
 
 def worker_routes(
@@ -103,20 +104,11 @@ def worker_routes(
 
 
 async def _read_json_body(request: Request, max_bytes: int) -> Any:
-    """The body as JSON; error 40001 for one that is not, or that grows past max_bytes (read no
-    further, so an endless body is never buffered)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR,
-                              f"the request body exceeds the limit of {max_bytes} bytes")
+    """The body as JSON; error 40001 for one that is not, or that is over max_bytes."""
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, f"body is not JSON: {error}") from None
-    except RecursionError:
-        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, "body is nested too deeply") from None
+        return await read_json_body(request, max_bytes)
+    except RequestBodyError as error:
+        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, str(error)) from None
 
 
 async def _encoded(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -127,5 +119,3 @@ async def _encoded(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes
 
 async def _single(chunk: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     yield chunk
-
-

@@ -1,6 +1,6 @@
 """The Starlette app of the OpenAI-compatible API.
 
-`create_app` takes a started AsyncEngine and returns the app; it neither starts nor stops the
+`create_app` takes a started EngineClient and returns the app; it neither starts nor stops the
 engine, so another adapter can serve its own routes from the same app and engine: pass them as
 `extra_routes`. With an API key, every path but /health needs it, except `extra_routes` (the
 FastChat worker's: FastChat's controller and API server send no key).
@@ -34,24 +34,23 @@ from pagoda.adapters.openai.serving_completions import CompletionsEndpoint
 from pagoda.adapters.openai.serving_tokens import TokenEndpoints
 from pagoda.adapters.openai.settings import ServerSettings
 from pagoda.adapters.openai.state import ServerState
-from pagoda.backend.async_engine import AsyncEngine
+from pagoda.backend.engine_client import EngineClient
 
 # Open even with an API key: liveness probes carry no credentials.
 _OPEN_PATHS = ("/health",)
 
 
 def create_app(
-    engine: AsyncEngine, settings: ServerSettings, extra_routes: Sequence[BaseRoute] = ()
+    client: EngineClient, settings: ServerSettings, extra_routes: Sequence[BaseRoute] = ()
 ) -> Starlette:
-    state = ServerState(engine, settings)
+    state = ServerState(client, settings)
     chat = ChatEndpoint(state)
     completions = CompletionsEndpoint(state)
     tokens = TokenEndpoints(state)
-    engine_config = engine.engine.config
-    model_root = engine_config.model or settings.model_name
+    model_root = client.info.model or settings.model_name
 
     async def health(request: Request) -> Response:
-        return Response(status_code=200 if engine.is_running else 503)
+        return Response(status_code=200 if client.is_running else 503)
 
     async def server_version(request: Request) -> JSONResponse:
         return JSONResponse({"version": _pagoda_version()})

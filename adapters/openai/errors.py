@@ -6,13 +6,14 @@ unexpected) into that envelope, so every client library reads every failure the 
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pagoda.adapters.openai.protocol import ErrorInfo, ErrorResponse
+from pagoda.backend.errors import EngineError, KVCacheCapacityExceeded, PromptTooLong
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -46,19 +47,18 @@ def invalid_param(message: str, param: str | None) -> OpenAIError:
     return OpenAIError(400, message, param=param)
 
 
-def param_of(message: str, known: set[str]) -> str | None:
-    """The field a validation message is about: the backend's messages start with its name."""
-    match = re.match(r"[a-z_]+", message)
-    return match.group() if match and match.group() in known else None
-
-
-def engine_rejection(error: ValueError, prompt_param: str) -> OpenAIError:
-    """A request the engine refused to queue; the over-long prompt gets OpenAI's own code."""
-    message = str(error)
-    if "max_model_len" in message:
-        return OpenAIError(400, message, param=prompt_param, code="context_length_exceeded")
-    known = {"prompt", "n", "stop_token_ids", "logit_bias"}
-    return invalid_param(message, param_of(message, known))
+def engine_error(error: EngineError, param_names: Mapping[str, str]) -> OpenAIError:
+    """The answer to a request the engine refused or failed. `param_names` maps the engine's
+    field names to this request's (chat's prompt is its `messages`, say)."""
+    if error.internal:
+        return engine_failure(str(error))
+    param = None if error.field is None else param_names.get(error.field, error.field)
+    if isinstance(error, PromptTooLong):
+        return OpenAIError(400, str(error), param=param, code="context_length_exceeded")
+    if isinstance(error, KVCacheCapacityExceeded):
+        # Its size (prompt, n, best_of, max_tokens) is the problem, not the server's load.
+        return OpenAIError(400, str(error), code="kv_cache_capacity_exceeded")
+    return invalid_param(str(error), param)
 
 
 def model_not_found(model: str) -> OpenAIError:

@@ -12,18 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from pagoda.backend.async_engine import AsyncEngine
-from pagoda.backend.engine import Prompt
+from pagoda.backend.engine_client import EngineClient, Prompt
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
-
-class EngineRequestFailed(Exception):
-    """The engine gave up on an accepted request: it cannot fit the KV cache even alone, or
-    (`internal`) the model raised while computing it."""
-
-    def __init__(self, message: str, internal: bool) -> None:
-        super().__init__(message)
-        self.internal = internal
 
 
 class PromptStreams:
@@ -35,9 +26,9 @@ class PromptStreams:
     """
 
     def __init__(
-        self, engine: AsyncEngine, request_id: str, prompts: list[Prompt], params: SamplingParams
+        self, client: EngineClient, request_id: str, prompts: list[Prompt], params: SamplingParams
     ) -> None:
-        self._engine = engine
+        self._client = client
         self._request_id = request_id
         self._prompts = prompts
         self._params = params
@@ -52,8 +43,8 @@ class PromptStreams:
 
     async def start(self) -> None:
         """Submit every prompt and wait until each was accepted. A prompt the engine rejects
-        raises its ValueError (or EngineRequestFailed, RuntimeError as below), after the others
-        were cancelled."""
+        raises its RequestRejected (or an EngineError as below), after the others were
+        cancelled."""
         self._tasks = [
             asyncio.create_task(self._pump(index, prompt))
             for index, prompt in enumerate(self._prompts)
@@ -66,8 +57,8 @@ class PromptStreams:
             raise
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) until every prompt finished. A request the engine failed
-        raises EngineRequestFailed; a failure of the engine itself, its RuntimeError."""
+        """(prompt index, output) until every prompt finished. A request the engine failed raises
+        the EngineError its output carries; a failure of the engine itself, RequestFailed."""
         pending = self._accepted
         self._accepted = {}
         while True:
@@ -100,16 +91,14 @@ class PromptStreams:
     async def _pump(self, index: int, prompt: Prompt) -> None:
         request_id = self.engine_request_id(index)
         try:
-            async for output in self._engine.generate(request_id, prompt, self._params):
+            async for output in self._client.generate(request_id, prompt, self._params):
                 self._unread[index] = output  # replaces an unread older one: see the docstring
                 self._arrived.set()
-        except Exception as error:  # rejected (ValueError) or failed in the engine (RuntimeError)
+        except Exception as error:  # an EngineError, or a bug: the reader raises it either way
             self._unread[index] = error
             self._arrived.set()
 
 
 def _raise_if_failed(output: RequestOutput) -> None:
     if output.error is not None:
-        raise EngineRequestFailed(output.error, output.internal_error)
-
-
+        raise output.error

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pagoda.backend.async_engine import AsyncEngine
+from pagoda.backend.engine_client import EngineClient
 from pagoda.backend.outputs import RequestOutput
 
 Outcome = Literal["success", "rejected", "aborted", "error"]
@@ -28,11 +28,11 @@ _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25,
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, client: EngineClient) -> None:
+        self._client = client
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = self._engine.snapshot
+        snapshot = self._client.snapshot
         gauges = {
             "pagoda_num_requests_running": ("requests in the running batch", snapshot.num_running),
             "pagoda_num_requests_waiting": ("requests queued in the engine", snapshot.num_waiting),
@@ -55,7 +55,7 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, client: EngineClient) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pagoda_requests", "generation requests by outcome", ["outcome"],
@@ -81,7 +81,7 @@ class ServerMetrics:
             "pagoda_e2e_request_latency_seconds", "request received -> last token",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(client))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from pagoda.adapters.common.body import RequestBodyError, read_json_body
 from pagoda.adapters.openai.errors import OpenAIError, invalid_param
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON, refused with 413 past max_bytes: up front when Content-Length says so,
-    else as soon as a chunked body grows past it (so an endless body is never buffered)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+    """The body as JSON: 413 past max_bytes (read no further), 400 when it is not JSON."""
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise invalid_param(f"the request body is not valid JSON: {error}", None) from None
-    except RecursionError:  # e.g. [[[[...]]]] nested deeper than the parser's recursion limit
-        raise invalid_param("the request body is nested too deeply", None) from None
+        return await read_json_body(request, max_bytes)
+    except RequestBodyError as error:
+        if error.too_large:
+            raise OpenAIError(413, str(error), code="request_too_large") from None
+        raise invalid_param(str(error), None) from None
 
 
 def parse_body(model: type[ModelT], body: Any) -> ModelT:
@@ -54,8 +45,3 @@ def _param_path(loc: tuple[int | str, ...]) -> str:
             path += f".{part}" if path else part
     return path
 
-
-def _too_large(max_bytes: int) -> OpenAIError:
-    return OpenAIError(
-        413, f"the request body exceeds the limit of {max_bytes} bytes", code="request_too_large"
-    )

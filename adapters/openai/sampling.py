@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-from pagoda.adapters.openai.errors import OpenAIError, invalid_param, param_of
+from pagoda.adapters.openai.errors import OpenAIError, engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
+from pagoda.backend.errors import InvalidParameter
 from pagoda.backend.sampling_params import SamplingParams
-
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 # Request fields that SamplingParams takes under the same name.
 _PASSED_THROUGH = (
@@ -24,10 +21,10 @@ def build_sampling_params(
     *,
     max_tokens: int | None,
     logprobs: int | None,
-    renamed: dict[str, str],
+    param_names: dict[str, str],
 ) -> SamplingParams:
     """max_tokens and logprobs come resolved (their request fields differ between endpoints);
-    `renamed` maps a SamplingParams field to the request field an error should name."""
+    `param_names` maps a SamplingParams field to the request field an error should name."""
     _check_response_format(request)
     values = {name: getattr(request, name) for name in _PASSED_THROUGH}
     if request.use_beam_search and request.temperature is None:
@@ -40,11 +37,8 @@ def build_sampling_params(
     kwargs = {k: v for k, v in values.items() if v is not None or k == "max_tokens"}
     try:
         return SamplingParams(**kwargs)
-    except ValueError as error:
-        message = str(error)
-        param = param_of(message, _SAMPLING_FIELDS)
-        param = renamed.get(param, param) if param else None
-        raise invalid_param(message, param) from None
+    except InvalidParameter as error:
+        raise engine_error(error, param_names) from None
 
 
 def check_streamable(request: SamplingRequest, params: SamplingParams) -> None:

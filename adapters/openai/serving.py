@@ -22,14 +22,15 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pagoda.adapters.openai.errors import OpenAIError, engine_failure, engine_rejection
-from pagoda.adapters.disconnect import ClientDisconnected, unless_disconnected
-from pagoda.adapters.openai.generation import EngineRequestFailed, PromptStreams
+from pagoda.adapters.common.disconnect import ClientDisconnected, unless_disconnected
+from pagoda.adapters.openai.errors import OpenAIError, engine_error
+from pagoda.adapters.openai.generation import PromptStreams
 from pagoda.adapters.openai.metrics import RequestTracker
 from pagoda.adapters.openai.parsing import read_json
 from pagoda.adapters.openai.protocol import SamplingRequest, UsageInfo
 from pagoda.adapters.openai.state import ServerState
-from pagoda.backend.engine import Prompt
+from pagoda.backend.engine_client import Prompt
+from pagoda.backend.errors import EngineError
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.sampling_params import SamplingParams
 
@@ -45,6 +46,8 @@ class Job:
     model: str
     prompts: list[Prompt]
     params: SamplingParams
+    # Engine field names -> this request's, for the param of an engine error (see engine_error).
+    param_names: dict[str, str]
     include_usage: bool
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
@@ -59,7 +62,6 @@ Outputs = AsyncIterator[tuple[int, RequestOutput]]
 
 class GenerationEndpoint(ABC):
     id_prefix: str  # "chatcmpl" or "cmpl", as OpenAI's ids start
-    prompt_param: str  # the field an over-long prompt is reported against
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -87,9 +89,9 @@ class GenerationEndpoint(ABC):
         tracker = self.state.metrics.track()
         try:
             job = self.prepare(await read_json(request, self.state.settings.max_request_bytes))
-            streams = PromptStreams(self.state.engine, job.request_id, job.prompts, job.params)
+            streams = PromptStreams(self.state.client, job.request_id, job.prompts, job.params)
             with self.state.admit(len(job.prompts)):
-                await unless_disconnected(request, self._start(streams))
+                await unless_disconnected(request, self._start(job, streams))
         except OpenAIError as error:
             tracker.finish("error" if error.status_code == 500 else "rejected")
             raise
@@ -109,7 +111,7 @@ class GenerationEndpoint(ABC):
             )
         outcome = "aborted"
         try:
-            finals = await unless_disconnected(request, self._collect(streams, tracker))
+            finals = await unless_disconnected(request, self._collect(job, streams, tracker))
             outcome = "success"
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -121,21 +123,17 @@ class GenerationEndpoint(ABC):
             tracker.finish(outcome)
         return JSONResponse(self.response(job, finals).model_dump(mode="json"))
 
-    async def _start(self, streams: PromptStreams) -> None:
+    async def _start(self, job: Job, streams: PromptStreams) -> None:
         try:
             await streams.start()
-        except ValueError as error:
-            raise engine_rejection(error, self.prompt_param) from None
-        except EngineRequestFailed as error:
-            raise _request_failed(error) from None
-        except RuntimeError as error:
-            raise engine_failure(str(error)) from None
+        except EngineError as error:
+            raise engine_error(error, job.param_names) from None
 
     async def _collect(
-        self, streams: PromptStreams, tracker: RequestTracker
+        self, job: Job, streams: PromptStreams, tracker: RequestTracker
     ) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
-        async for index, output in _tracked(streams, tracker):
+        async for index, output in _tracked(job, streams, tracker):
             finals[index] = output
         return finals
 
@@ -149,7 +147,7 @@ class GenerationEndpoint(ABC):
         finals: dict[int, RequestOutput] = {}
         outcome = "aborted"
         try:
-            async for chunk in self.chunks(job, _remember(_tracked(streams, tracker), finals)):
+            async for chunk in self.chunks(job, _remember(_tracked(job, streams, tracker), finals)):
                 yield chunk.model_dump_json(exclude=exclude)
             if job.include_usage:
                 yield self.usage_chunk(job, usage_of(finals)).model_dump_json()
@@ -164,30 +162,20 @@ class GenerationEndpoint(ABC):
         yield "[DONE]"
 
 
-async def _tracked(streams: PromptStreams, tracker: RequestTracker) -> Outputs:
+async def _tracked(job: Job, streams: PromptStreams, tracker: RequestTracker) -> Outputs:
     """The streams' outputs, observed by the tracker, with engine failures as OpenAIErrors."""
     try:
         async for index, output in streams:
             tracker.observe(index, output)
             yield index, output
-    except EngineRequestFailed as error:
-        raise _request_failed(error) from None
-    except RuntimeError as error:
-        raise engine_failure(str(error)) from None
+    except EngineError as error:
+        raise engine_error(error, job.param_names) from None
 
 
 async def _remember(outputs: Outputs, finals: dict[int, RequestOutput]) -> Outputs:
     async for index, output in outputs:
         finals[index] = output
         yield index, output
-
-
-def _request_failed(error: EngineRequestFailed) -> OpenAIError:
-    if error.internal:  # the model raised on this request: the server's fault
-        return engine_failure(str(error))
-    # Otherwise it cannot fit the KV cache even alone: its size (n, best_of, max_tokens) is the
-    # problem, not the server's load.
-    return OpenAIError(400, str(error), code="kv_cache_capacity_exceeded")
 
 
 def usage_of(finals: dict[int, RequestOutput]) -> UsageInfo:

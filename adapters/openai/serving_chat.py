@@ -36,7 +36,6 @@ class _ChoiceProgress:
 
 class ChatEndpoint(GenerationEndpoint):
     id_prefix = "chatcmpl"
-    prompt_param = "messages"
 
     def prepare(self, body: Any) -> Job:
         request = parse_body(ChatCompletionRequest, body)
@@ -48,15 +47,19 @@ class ChatEndpoint(GenerationEndpoint):
         max_tokens_param = "max_tokens"
         if request.max_completion_tokens is not None:
             max_tokens_param = "max_completion_tokens"
+        param_names = {
+            "prompt": "messages", "max_tokens": max_tokens_param, "logprobs": "top_logprobs"
+        }
         params = build_sampling_params(
             request,
             max_tokens=getattr(request, max_tokens_param),
             logprobs=self._logprobs(request),
-            renamed={"max_tokens": max_tokens_param, "logprobs": "top_logprobs"},
+            param_names=param_names,
         )
         check_streamable(request, params)
         return Job(
             request=request, model=model, prompts=[prompt], params=params,
+            param_names=param_names,
             include_usage=include_usage(request, self.state.settings.enable_force_include_usage),
             request_id=self.new_request_id(),
         )

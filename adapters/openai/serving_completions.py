@@ -19,7 +19,7 @@ from pagoda.adapters.openai.protocol import (
 )
 from pagoda.adapters.openai.sampling import build_sampling_params, check_streamable
 from pagoda.adapters.openai.serving import GenerationEndpoint, Job, Outputs, include_usage, usage_of
-from pagoda.backend.engine import Prompt
+from pagoda.backend.engine_client import Prompt
 from pagoda.backend.outputs import CompletionOutput, RequestOutput
 
 # OpenAI's default for completions (chat's default is "until the context is full").
@@ -39,7 +39,6 @@ class _ChoiceProgress:
 
 class CompletionsEndpoint(GenerationEndpoint):
     id_prefix = "cmpl"
-    prompt_param = "prompt"
 
     def prepare(self, body: Any) -> Job:
         request = parse_body(CompletionRequest, body)
@@ -59,11 +58,11 @@ class CompletionsEndpoint(GenerationEndpoint):
             request,
             max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
             logprobs=logprobs,
-            renamed={},
+            param_names={},
         )
         check_streamable(request, params)
         return Job(
-            request=request, model=model, prompts=prompts, params=params,
+            request=request, model=model, prompts=prompts, params=params, param_names={},
             include_usage=include_usage(request, self.state.settings.enable_force_include_usage),
             request_id=self.new_request_id(),
         )
@@ -78,7 +77,7 @@ class CompletionsEndpoint(GenerationEndpoint):
             return ""
         if output.prompt is not None:
             return output.prompt
-        return self.state.tokenizer.decode(output.prompt_token_ids)
+        return self.state.client.decode(output.prompt_token_ids)
 
     def _logprobs_of(
         self, completion: CompletionOutput, first_token: int, text_offset: int

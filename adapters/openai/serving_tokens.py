@@ -33,13 +33,8 @@ class TokenEndpoints:
             )
         else:
             text = body.prompt or ""
-        tokenizer = self.state.tokenizer
-        add_special_tokens = body.add_special_tokens
-        if add_special_tokens is None:
-            # As the engine encodes a prompt: BOS added unless the text (a rendered chat
-            # template, say) already starts with it; so the count is the one a request would use.
-            add_special_tokens = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
-        tokens = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        # By default (None) as the engine encodes a prompt: the count is the one a request uses.
+        tokens = self.state.client.encode(text, add_special_tokens=body.add_special_tokens)
         strings = None
         if body.return_token_strs:
             strings = [self.state.token_strings.text(token_id) for token_id in tokens]
@@ -53,11 +48,11 @@ class TokenEndpoints:
             DetokenizeRequest, await read_json(request, self.state.settings.max_request_bytes)
         )
         self.state.resolve_model(body.model)
-        vocab_size = len(self.state.tokenizer)
+        vocab_size = len(self.state.client.info.tokenizer)
         bad = next((t for t in body.tokens if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise invalid_param(
                 f"tokens: token id {bad} is outside the vocabulary (size {vocab_size})", "tokens"
             )
-        text = self.state.tokenizer.decode(body.tokens)
+        text = self.state.client.decode(body.tokens)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())

@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagoda.adapters.draining import DEFAULT_SHUTDOWN_TIMEOUT
+from pagoda.adapters.common.body import DEFAULT_MAX_REQUEST_BYTES
+from pagoda.adapters.common.draining import DEFAULT_SHUTDOWN_TIMEOUT
 from pagoda.backend.demo import DEMO_MODEL_NAME
 
 API_KEY_ENV = "PAGODA_API_KEY"
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
 # OpenAI's own limit on top_logprobs, and vLLM's default --max-logprobs.
 DEFAULT_MAX_LOGPROBS = 20
 

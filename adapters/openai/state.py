@@ -1,4 +1,4 @@
-"""What every handler of one app shares: the engine, the settings, metrics, and admission."""
+"""What every handler of one app shares: the engine client, the settings, metrics, admission."""
 
 from __future__ import annotations
 
@@ -13,19 +13,18 @@ from pagoda.adapters.openai.logprobs import TokenStrings
 from pagoda.adapters.openai.metrics import ServerMetrics
 from pagoda.adapters.openai.protocol import ChatMessage
 from pagoda.adapters.openai.settings import ServerSettings
-from pagoda.backend.async_engine import AsyncEngine
+from pagoda.backend.engine_client import EngineClient
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class ServerState:
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
-        self.engine = engine
+    def __init__(self, client: EngineClient, settings: ServerSettings) -> None:
+        self.client = client
         self.settings = settings
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
-        self.metrics = ServerMetrics(engine)
-        self.token_strings = TokenStrings(self.tokenizer)
+        self.max_model_len = client.info.max_model_len
+        self.metrics = ServerMetrics(client)
+        self.token_strings = TokenStrings(client.info.tokenizer)
         # Prompts this app submitted that have not produced their first output yet. The engine's
         # own waiting count lags by up to a step, so a burst would slip past it alone.
         self._num_queued = 0
@@ -44,7 +43,7 @@ class ServerState:
         with 503 when the waiting queue is already at its limit."""
         limit = self.settings.max_waiting_requests
         if limit is not None:
-            num_waiting = max(self._num_queued, self.engine.snapshot.num_waiting)
+            num_waiting = max(self._num_queued, self.client.snapshot.num_waiting)
             if num_waiting + num_prompts > limit:
                 raise overloaded(num_waiting)
         self._num_queued += num_prompts
@@ -63,7 +62,7 @@ class ServerState:
             raise invalid_param("messages must contain at least one message", "messages")
         conversation = [_message_dict(index, message) for index, message in enumerate(messages)]
         try:
-            return self.engine.engine.render_chat(
+            return self.client.render_chat(
                 conversation,
                 chat_template=self.settings.chat_template,
                 add_generation_prompt=add_generation_prompt is not False,

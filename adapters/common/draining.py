@@ -1,4 +1,5 @@
-"""Graceful shutdown on SIGTERM, shared by `pagoda serve` and `pagoda worker`.
+"""Serving under uvicorn with graceful shutdown on SIGTERM, shared by `pagoda serve` and
+`pagoda worker`.
 
 On SIGTERM the server drains: new requests get 503 (and /health reports draining, so a load
 balancer stops sending), requests in flight run to their end for up to `shutdown_timeout`
@@ -13,8 +14,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.responses import JSONResponse, Response
@@ -23,6 +25,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# Work an adapter runs next to its server (FastChat's controller registration), given the server
+# to see when it listens; cancelled when the server stops.
+Alongside = Callable[[uvicorn.Server], Awaitable[None]]
 # Once drained (or out of time), how long uvicorn gives the connections left to close.
 _CLOSE_CONNECTIONS_SECONDS = 1
 
@@ -117,3 +122,31 @@ class DrainingServer(uvicorn.Server):
             logger.warning("%d requests still in flight after %.0f s; stopping anyway",
                            self.drain.num_in_flight, self.shutdown_timeout)
         self.should_exit = True
+
+
+def serve_draining(
+    app: ASGIApp, *, host: str, port: int, shutdown_timeout: float,
+    refusal: Callable[[], Response], alongside: Alongside | None = None, **uvicorn_options: Any,
+) -> None:
+    """Serve `app` on host:port until stopped: Ctrl-C stops at once; SIGTERM drains first, new
+    requests getting `refusal()` meanwhile. `uvicorn_options` go to uvicorn.Config."""
+    drain = Drain()
+    config = uvicorn.Config(
+        DrainMiddleware(app, drain, refusal), host=host, port=port, **uvicorn_options
+    )
+    server = DrainingServer(config, drain, shutdown_timeout)
+    # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the normal way
+    # to stop (uvicorn.run swallows it the same way).
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(server, alongside))
+
+
+async def _serve(server: uvicorn.Server, alongside: Alongside | None) -> None:
+    task = asyncio.create_task(alongside(server)) if alongside is not None else None
+    try:
+        await server.serve()
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

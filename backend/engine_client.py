@@ -1,0 +1,132 @@
+"""EngineClient: the one door the adapters use into the engine.
+
+It owns an AsyncEngine (an LLMEngine stepping on its own thread) and offers what a server needs:
+streaming generation and aborts, encoding, decoding and chat templates by the engine's own rules,
+facts about the model, health, and the engine's counters. Adapters never reach behind it (the
+scheduler, the block manager, the model), so the engine can change inside without them knowing.
+
+Errors are typed (pagoda.backend.errors): a request the engine refuses raises its
+RequestRejected from `generate`; one that fails once accepted ends with the error in its last
+RequestOutput.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagoda.backend.async_engine import AsyncEngine, EngineSnapshot
+from pagoda.backend.config import EngineConfig
+from pagoda.backend.engine import LLMEngine, Prompt
+from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.prompt import encode_prompt
+from pagoda.backend.sampling_params import SamplingParams
+
+__all__ = ["EngineClient", "EngineSnapshot", "ModelInfo", "Prompt"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What adapters report about the served model, or need to format its outputs."""
+
+    model: str | None  # as configured: a local folder or a hub id; None for the demo model
+    max_model_len: int  # the longest sequence (prompt and generated tokens) a request may have
+    vocab_size: int  # the model's: token ids from 0 to vocab_size - 1 are valid in a prompt
+    eos_token_ids: frozenset[int]
+    # For the text of single tokens (logprobs) and of echoed prompt token ids; encode through
+    # EngineClient.encode, which follows the engine's BOS rule.
+    tokenizer: PreTrainedTokenizerBase
+
+
+class EngineClient:
+    """An engine served to asyncio handlers (start it, or use it as a context manager)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        core = engine.engine
+        self.info = ModelInfo(
+            model=core.config.model,
+            max_model_len=core.max_model_len,
+            vocab_size=core.hf_config.vocab_size,
+            eos_token_ids=frozenset(core.eos_token_ids),
+            tokenizer=core.tokenizer,
+        )
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> EngineClient:
+        """Load the model and build its engine, not started yet. Raises ValueError naming the
+        configuration field for a bad configuration."""
+        return cls(AsyncEngine(LLMEngine(config)))
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._engine.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine; requests still running fail with RequestFailed."""
+        self._engine.shutdown(timeout)
+
+    def __enter__(self) -> EngineClient:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    @property
+    def is_running(self) -> bool:
+        """Started, not shut down, and stepping (for health checks)."""
+        return self._engine.is_running
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's counters (queues, KV blocks, prefix cache), as of its last step."""
+        return self._engine.snapshot
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, newest_only: bool = False
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The request's outputs, each a cumulative snapshot, until one is finished. Raises
+        RequestRejected on the first iteration for a request the engine refuses, RequestFailed
+        when the engine fails or is shut down. With `newest_only`, a reader that fell behind gets
+        only the newest output that arrived meanwhile. Closing the iterator early aborts the
+        request and frees its KV blocks within one step."""
+        return self._engine.generate(request_id, prompt, params, newest_only=newest_only)
+
+    def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    # -- text -------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of `text`; by default (None) exactly those a request with this prompt runs."""
+        if add_special_tokens is None:
+            return encode_prompt(self.info.tokenizer, text)
+        return self.info.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.info.tokenizer.decode(token_ids)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """A conversation as prompt text, through the model's (or the given) chat template.
+        InvalidParameter("chat_template") when the model has none and none is given; whatever
+        the template raises (it may refuse a role or a turn order) is raised as is."""
+        return self._engine.engine.render_chat(
+            messages, chat_template, add_generation_prompt, chat_template_kwargs
+        )

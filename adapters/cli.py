@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import build_demo_model
 from pagoda.backend.engine_client import EngineClient, Prompt
 from pagoda.backend.outputs import RequestOutput
-from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 
 # The benchmark scripts live in the repository, not in the installed package.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -142,10 +143,11 @@ def generate_offline(
 async def _final_outputs(
     client: EngineClient, prompts: list[Prompt], params: SamplingParams
 ) -> list[RequestOutput]:
+    final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+
     async def final(request_id: str, prompt: Prompt) -> RequestOutput:
-        # Outputs are cumulative snapshots: the last one is the whole answer.
-        outputs = client.generate(request_id, prompt, params, newest_only=True)
-        return [output async for output in outputs][-1]
+        (output,) = [output async for output in client.generate(request_id, prompt, final_only)]
+        return output
 
     return await asyncio.gather(*(final(f"cli-{i}", p) for i, p in enumerate(prompts)))
 

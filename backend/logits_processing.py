@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pagoda.backend.device_transfer import to_device
+
 if TYPE_CHECKING:
     from pagoda.backend.sampler import SamplingRow
 
 
 def float32_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    # NOTE: explicit dtype, because model loaders may change torch's default dtype to bf16.
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return to_device(values, torch.float32, device)
 
 
 def _flat_occurrences(
@@ -30,6 +31,8 @@ def _flat_occurrences(
     lengths = torch.tensor([len(tokens) for tokens in token_lists])
     rows = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
     tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    if device.type == "cuda":
+        rows, tokens = rows.pin_memory(), tokens.pin_memory()
     return rows.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
 
@@ -47,8 +50,8 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
                 biases.append(bias)
     if row_ids:
         index = (
-            torch.tensor(row_ids, device=logits.device),
-            torch.tensor(token_ids, device=logits.device),
+            to_device(row_ids, torch.long, logits.device),
+            to_device(token_ids, torch.long, logits.device),
         )
         logits.index_put_(index, float32_tensor(biases, logits.device), accumulate=True)
 
@@ -68,8 +71,8 @@ def apply_min_tokens(
             token_ids.extend(kept)
     if row_ids:
         index = (
-            torch.tensor(row_ids, device=logits.device),
-            torch.tensor(token_ids, device=logits.device),
+            to_device(row_ids, torch.long, logits.device),
+            to_device(token_ids, torch.long, logits.device),
         )
         logits[index] = float("-inf")
 

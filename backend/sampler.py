@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.backend.device_transfer import to_device
 from pagoda.backend.logits_processing import (
     apply_logit_bias,
     apply_min_tokens,
@@ -60,13 +61,13 @@ class Sampler:
         beam = [i for i, row in enumerate(rows) if row.params.use_beam_search]
         if beam:
             beam_rows = [rows[i] for i in beam]
-            candidates = self.beam_candidates(logits[torch.tensor(beam, device=logits.device)],
+            candidates = self.beam_candidates(logits[to_device(beam, torch.long, logits.device)],
                                               beam_rows)
             output.beam_candidates = {row.seq_id: c for row, c in zip(beam_rows, candidates)}
         if len(beam) < len(rows):
             sampled = [i for i, row in enumerate(rows) if not row.params.use_beam_search]
             if beam:
-                logits = logits[torch.tensor(sampled, device=logits.device)]
+                logits = logits[to_device(sampled, torch.long, logits.device)]
                 rows = [rows[i] for i in sampled]
             tokens = self.sample(logits, rows)
             output.tokens = {row.seq_id: [token] for row, token in zip(rows, tokens)}
@@ -117,10 +118,10 @@ class Sampler:
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if greedy:
-            greedy_index = torch.tensor(greedy, device=device)
+            greedy_index = to_device(greedy, torch.long, device)
             token_ids[greedy_index] = processed[greedy_index].argmax(dim=-1)
         if random:
-            random_index = torch.tensor(random, device=device)
+            random_index = to_device(random, torch.long, device)
             token_ids[random_index] = self._sample(
                 processed[random_index], [rows[i] for i in random]
             )
@@ -139,7 +140,7 @@ class Sampler:
         top_p = [row.params.top_p for row in rows]
         if any(p < 1.0 for p in top_p):
             _apply_top_k_top_p(
-                logits, torch.tensor(top_k, device=device), float32_tensor(top_p, device)
+                logits, to_device(top_k, torch.long, device), float32_tensor(top_p, device)
             )
         elif any(k < vocab_size for k in top_k):
             _apply_top_k(logits, top_k)
@@ -157,14 +158,14 @@ class Sampler:
         unseeded = [i for i, row in enumerate(rows) if row.seed is None]
         if unseeded:
             shared = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
-            noise[torch.tensor(unseeded, device=device)] = shared.exponential_(
+            noise[to_device(unseeded, torch.long, device)] = shared.exponential_(
                 generator=self._shared_generator(device)
             )
         seeded = [(i, row) for i, row in enumerate(rows) if row.seed is not None]
         if seeded:
             keys = [stream_key(row.seed, len(row.output_token_ids)) for _, row in seeded]
-            noise[torch.tensor([i for i, _ in seeded], device=device)] = counter_exponential(
-                torch.tensor(keys, dtype=torch.int64, device=device), vocab_size
+            noise[to_device([i for i, _ in seeded], torch.long, device)] = counter_exponential(
+                to_device(keys, torch.int64, device), vocab_size
             )
         # NOTE: q == 0 would turn p / q into inf (or nan for p == 0) and could elect an excluded
         # token; the clamp keeps every q positive while leaving the distribution unchanged.
@@ -217,7 +218,7 @@ def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
     """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
     Hugging Face). top_k: counts in [1, vocab]. The k-th values come from one topk, with no sort
     of the whole vocabulary."""
-    kth = torch.tensor([k - 1 for k in top_k], device=logits.device).unsqueeze(1)
+    kth = to_device([k - 1 for k in top_k], torch.long, logits.device).unsqueeze(1)
     top_values = logits.topk(max(top_k), dim=-1).values
     logits.masked_fill_(logits < top_values.gather(-1, kth), float("-inf"))
 
@@ -244,24 +245,37 @@ def _sampled_tokens(
     raw_logprobs: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
 ) -> list[SampledToken]:
     """Packs the chosen tokens with their raw logprobs, and ranks and top logprobs for the rows
-    that asked for logprobs. Moves each result to the host in one transfer."""
+    that asked for logprobs. Everything comes to the host in one transfer, the step's one wait
+    for the device (float64 holds token ids and float32 logprobs exactly)."""
     chosen = raw_logprobs.gather(-1, token_ids.unsqueeze(1)).squeeze(1)
-    ranks: dict[int, int] = {}
-    top_logprobs: dict[int, list[tuple[int, float]]] = {}
+    pieces = [token_ids.double(), chosen.double()]
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    num_top = 0
     if wanted:
-        index = torch.tensor(wanted, device=raw_logprobs.device)
+        index = to_device(wanted, torch.long, raw_logprobs.device)
         wanted_logprobs = raw_logprobs[index]
         # Rank 1 + the number of strictly more likely tokens, so ties share the better rank.
         wanted_ranks = (wanted_logprobs > chosen[index].unsqueeze(1)).sum(dim=-1) + 1
         num_top = min(max(rows[i].params.logprobs for i in wanted), raw_logprobs.shape[-1])
         top_values, top_ids = wanted_logprobs.topk(num_top, dim=-1)
-        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-        for j, (i, rank) in enumerate(zip(wanted, wanted_ranks.tolist())):
-            ranks[i] = rank
+        pieces += [wanted_ranks.double(), top_values.double().flatten(),
+                   top_ids.double().flatten()]
+    packed = torch.cat(pieces).tolist()
+    num_rows, num_wanted = len(rows), len(wanted)
+    token_list, chosen_list = packed[:num_rows], packed[num_rows : 2 * num_rows]
+    ranks: dict[int, int] = {}
+    top_logprobs: dict[int, list[tuple[int, float]]] = {}
+    if wanted:
+        rank_list = packed[2 * num_rows : 2 * num_rows + num_wanted]
+        values_start = 2 * num_rows + num_wanted
+        ids_start = values_start + num_wanted * num_top
+        for j, i in enumerate(wanted):
+            ranks[i] = int(rank_list[j])
             count = rows[i].params.logprobs
-            top_logprobs[i] = list(zip(top_ids_list[j][:count], top_values_list[j][:count]))
+            values = packed[values_start + j * num_top : values_start + j * num_top + count]
+            ids = packed[ids_start + j * num_top : ids_start + j * num_top + count]
+            top_logprobs[i] = [(int(token_id), value) for token_id, value in zip(ids, values)]
     return [
-        SampledToken(token_id, logprob, ranks.get(i, 0), top_logprobs.get(i, []))
-        for i, (token_id, logprob) in enumerate(zip(token_ids.tolist(), chosen.tolist()))
+        SampledToken(int(token_id), logprob, ranks.get(i, 0), top_logprobs.get(i, []))
+        for i, (token_id, logprob) in enumerate(zip(token_list, chosen_list))
     ]

@@ -27,6 +27,7 @@ from pagoda.backend.logits_processing import (
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.token_logprobs import score_tokens
 
 
 @dataclass(slots=True)
@@ -83,7 +84,7 @@ class Sampler:
             token_ids = raw_logits.argmax(dim=-1)
         else:
             token_ids = self._choose_tokens(self.process_logits(logits, rows), rows)
-        return _sampled_tokens(raw_logprobs, token_ids, rows)
+        return score_tokens(raw_logprobs, token_ids, [row.params.logprobs for row in rows])
 
     def beam_candidates(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow]
@@ -238,30 +239,3 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     outside_top_p[:, -1] = False
     sorted_logits.masked_fill_(outside_top_p, float("-inf"))
     logits.scatter_(-1, sorted_ids, sorted_logits)
-
-
-def _sampled_tokens(
-    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
-) -> list[SampledToken]:
-    """Packs the chosen tokens with their raw logprobs, and ranks and top logprobs for the rows
-    that asked for logprobs. Moves each result to the host in one transfer."""
-    chosen = raw_logprobs.gather(-1, token_ids.unsqueeze(1)).squeeze(1)
-    ranks: dict[int, int] = {}
-    top_logprobs: dict[int, list[tuple[int, float]]] = {}
-    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    if wanted:
-        index = torch.tensor(wanted, device=raw_logprobs.device)
-        wanted_logprobs = raw_logprobs[index]
-        # Rank 1 + the number of strictly more likely tokens, so ties share the better rank.
-        wanted_ranks = (wanted_logprobs > chosen[index].unsqueeze(1)).sum(dim=-1) + 1
-        num_top = min(max(rows[i].params.logprobs for i in wanted), raw_logprobs.shape[-1])
-        top_values, top_ids = wanted_logprobs.topk(num_top, dim=-1)
-        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-        for j, (i, rank) in enumerate(zip(wanted, wanted_ranks.tolist())):
-            ranks[i] = rank
-            count = rows[i].params.logprobs
-            top_logprobs[i] = list(zip(top_ids_list[j][:count], top_values_list[j][:count]))
-    return [
-        SampledToken(token_id, logprob, ranks.get(i, 0), top_logprobs.get(i, []))
-        for i, (token_id, logprob) in enumerate(zip(token_ids.tolist(), chosen.tolist()))
-    ]

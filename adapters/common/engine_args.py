@@ -7,6 +7,7 @@ import os
 from dataclasses import fields
 
 from pagoda.backend.config import EngineConfig
+from pagoda.backend.pooling import POOLING_TYPES
 
 MODEL_ENV = "PAGODA_MODEL"
 
@@ -35,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-pickle-weights", action="store_true",
                        help="allow loading pickle (.bin) weights, which can run arbitrary code")
     group.add_argument("--trust-remote-code", action="store_true")
+    group.add_argument("--pooling", choices=POOLING_TYPES, default="last",
+                       help="how /v1/embeddings pools the final hidden states: the last "
+                            "token's, or their mean (L2-normalized either way)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -93,6 +93,10 @@ class GenerateRequest(BaseModel):
             # beam search is deterministic and does not use it.
             temperature = 0.0
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            # The engine takes 0 (prompt only), which a FastChat worker has no use for.
+            message = f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            raise WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, message)
         try:
             return SamplingParams(
                 n=1,

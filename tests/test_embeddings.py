@@ -4,8 +4,12 @@ prefix caching on, batched with generation requests; its KV blocks are freed aft
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 import pytest
 import torch
+from openai import NOT_GIVEN
 from test_parity import VARIANTS, _hf_model, make_prompts
 
 from pagoda.backend import LLM, PoolingParams, SamplingParams
@@ -75,3 +79,78 @@ def test_unknown_pooling_type_is_refused(demo_model_dir):
     assert caught.value.field == "pooling_type"
     with pytest.raises(ValueError, match="pooling"):
         LLM(str(demo_model_dir), pooling="max")
+
+
+# -- through the OpenAI-compatible server -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_client(openai_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=openai_server.v1, api_key=openai_server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(demo_model_dir) -> LLM:
+    """The server's model offline, for the vectors it should return."""
+    return LLM(str(demo_model_dir), num_kv_blocks=64)
+
+
+def test_openai_sdk_embeddings(openai_client, openai_server, offline):
+    texts = ["The quick brown fox", "jumps over the lazy dog", "paging"]
+    expected = offline.embed(texts, use_tqdm=False)
+    # Unless told otherwise the SDK asks for base64 and decodes it; told "base64", it returns
+    # the string as it came.
+    for encoding_format in (NOT_GIVEN, "float", "base64"):
+        response = openai_client.embeddings.create(
+            model=openai_server.model, input=texts, encoding_format=encoding_format
+        )
+        assert [item.index for item in response.data] == [0, 1, 2]
+        for item, output in zip(response.data, expected):
+            assert item.object == "embedding"
+            vector = item.embedding
+            if encoding_format == "base64":
+                vector = np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
+            torch.testing.assert_close(torch.tensor(vector), torch.tensor(output.embedding),
+                                       atol=1e-5, rtol=1e-5)
+            assert torch.tensor(vector).norm().item() == pytest.approx(1.0, abs=1e-5)
+        num_tokens = sum(len(output.prompt_token_ids) for output in expected)
+        assert response.usage.prompt_tokens == response.usage.total_tokens == num_tokens
+    ids = offline.get_tokenizer().encode("paging")
+    by_ids = openai_client.embeddings.create(model=openai_server.model, input=[ids, ids[:2]])
+    assert len(by_ids.data) == 2
+    single = openai_client.embeddings.create(model=openai_server.model, input=ids)
+    assert single.data[0].embedding == pytest.approx(by_ids.data[0].embedding, abs=1e-5)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "dimensions": 8}, "dimensions"),
+    ({"input": []}, "input"),
+    ({"input": [[1, 10**9]]}, "input"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "word " * 600}, "input"),
+])
+def test_embedding_errors_name_the_field(openai_server, body, param):
+    import httpx
+
+    response = httpx.post(f"{openai_server.v1}/embeddings", json=body,
+                          headers=openai_server.headers, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_langchain_openai_embeddings(openai_server, offline):
+    from langchain_openai import OpenAIEmbeddings
+
+    # check_embedding_ctx_length=False: no tiktoken download, the texts are sent as they are.
+    embeddings = OpenAIEmbeddings(
+        model=openai_server.model, base_url=openai_server.v1, api_key=openai_server.api_key,
+        check_embedding_ctx_length=False, max_retries=0,
+    )
+    texts = ["LangChain sends lists of texts", "and single queries"]
+    vectors = embeddings.embed_documents(texts)
+    expected = offline.embed(texts, use_tqdm=False)
+    for vector, output in zip(vectors, expected):
+        assert vector == pytest.approx(output.embedding, abs=1e-5)
+    assert embeddings.embed_query(texts[1]) == pytest.approx(expected[1].embedding, abs=1e-5)

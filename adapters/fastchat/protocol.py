@@ -118,6 +118,28 @@ class GenerateRequest(BaseModel):
             raise engine_error(error) from None
 
 
+class EmbeddingsRequest(BaseModel):
+    """The body of /worker_get_embeddings: FastChat's API server sends batches of texts (token
+    ids it has already decoded with tiktoken)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: str | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> EmbeddingsRequest:
+        try:
+            return cls.model_validate(body)
+        except ValidationError as error:
+            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 def engine_error(error: EngineError) -> WorkerError:
     """The FastChat error for a request the engine refused or failed."""
     if error.internal:

@@ -84,12 +84,14 @@ def worker_routes(
         return JSONResponse({"conv": worker.conv_template})
 
     async def get_embeddings(request: Request) -> Response:
-        error = WorkerError(
-            ErrorCode.INVALID_MODEL,
-            f"{', '.join(worker.model_names)} is served for generation; this Pagoda worker does "
-            "not compute embeddings",
-        )
-        return JSONResponse(error.chunk())
+        try:
+            body = await _json_body(request)
+        except WorkerError as error:
+            return JSONResponse(error.chunk())
+        try:
+            return JSONResponse(await unless_disconnected(request, worker.get_embeddings(body)))
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; the engine requests are aborted
 
     endpoints = {
         "/worker_generate_stream": generate_stream,

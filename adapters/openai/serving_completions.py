@@ -37,7 +37,7 @@ class CompletionsEndpoint(GenerationEndpoint):
     def prepare(self, body: Any) -> Job:
         request = parse_body(CompletionRequest, body)
         model = self.state.resolve_model(request.model)
-        prompts = _prompts(request.prompt)
+        prompts = prompt_list(request.prompt)
         max_logprobs = self.state.settings.max_logprobs
         logprobs = checked_logprobs(request.logprobs, "logprobs", max_logprobs)
         prompt_logprobs = checked_logprobs(request.prompt_logprobs, "prompt_logprobs", max_logprobs)
@@ -174,12 +174,13 @@ def _request(job: Job) -> CompletionRequest:
     return request
 
 
-def _prompts(prompt: PromptInput) -> list[Prompt]:
-    """One engine prompt per entry: a string, a list of strings, token ids or lists of them."""
+def prompt_list(prompt: PromptInput, param: str = "prompt") -> list[Prompt]:
+    """One engine prompt per entry: a string, a list of strings, token ids or lists of them;
+    an empty list is a 400 naming `param`."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise invalid_param("prompt must not be empty", "prompt")
+        raise invalid_param(f"{param} must not be empty", param)
     if isinstance(prompt[0], int):
         return [prompt]  # type: ignore[list-item]
     return list(prompt)  # type: ignore[arg-type]

@@ -1,8 +1,8 @@
 """EngineClient: the one door the adapters use into the engine.
 
 It owns an AsyncEngine (an LLMEngine stepping on its own thread) and offers what a server needs:
-streaming generation and aborts, embeddings, encoding, decoding and chat templates by the engine's own rules,
-facts about the model, health, and the engine's counters. Adapters never reach behind it (the
+streaming generation and aborts, embeddings, encoding, decoding and chat templates by the
+engine's own rules, facts about the model, health, and the engine's counters. Adapters never reach behind it (the
 scheduler, the block manager, the model), so the engine can change inside without them knowing.
 
 Errors are typed (pagoda.backend.errors): a request the engine refuses raises its

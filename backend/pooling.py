@@ -37,9 +37,10 @@ class PoolingParams:
 
     def __post_init__(self) -> None:
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
+            choices = ", ".join(POOLING_TYPES)
             raise InvalidParameter(
                 "pooling_type",
-                f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {self.pooling_type!r}",
+                f"pooling_type must be one of {choices}, got {self.pooling_type!r}",
             )
 
 

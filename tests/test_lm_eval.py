@@ -6,13 +6,10 @@ transformers in float32. Slow (two evaluations and a server) and needs the `eval
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from openai_server import free_port, wait_until_healthy
+from openai_server import pagoda_serve
 
 pytestmark = pytest.mark.slow
 
@@ -28,22 +25,11 @@ TASK = "pagoda_tiny_choices"
 
 @pytest.fixture(scope="module")
 def served(demo_model_dir):
-    port = free_port()
-    process = subprocess.Popen([
-        sys.executable, "-m", "pagoda.adapters.cli", "serve", "--model", str(demo_model_dir),
-        "--served-model-name", "demo", "--port", str(port), "--dtype", "float32",
+    with pagoda_serve(
+        "--model", str(demo_model_dir), "--served-model-name", "demo", "--dtype", "float32",
         "--device", "cpu", "--num-kv-blocks", "256", "--uvicorn-log-level", "warning",
-    ])
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base_url, timeout=120)
+    ) as base_url:
         yield base_url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            assert process.wait(timeout=30) == 0
-        finally:
-            process.kill()
 
 
 def write_task(folder) -> None:

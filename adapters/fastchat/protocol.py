@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,6 +20,8 @@ from pagoda.backend.sampling_params import SamplingParams
 # FastChat's default when a request names no max_new_tokens (fastchat/serve/inference.py).
 DEFAULT_MAX_NEW_TOKENS = 256
 CHUNK_DELIMITER = b"\0"
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class ErrorCode(IntEnum):
@@ -69,10 +71,7 @@ class GenerateRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> GenerateRequest:
-        try:
-            return cls.model_validate(body)
-        except ValidationError as error:
-            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
+        return _parse(cls, body)
 
     @property
     def wants_echo(self) -> bool:
@@ -130,10 +129,7 @@ class EmbeddingsRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> EmbeddingsRequest:
-        try:
-            return cls.model_validate(body)
-        except ValidationError as error:
-            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
+        return _parse(cls, body)
 
     @property
     def texts(self) -> list[str]:
@@ -160,6 +156,14 @@ def encode_chunk(chunk: dict[str, Any]) -> bytes:
 
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _parse(model: type[BodyT], body: Any) -> BodyT:
+    """The body as `model`; WorkerError 40001 naming what is wrong with it."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
 
 
 def _describe(error: ValidationError) -> str:

@@ -4,6 +4,7 @@ from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine
 from pagoda.backend.llm import LLM
 from pagoda.backend.outputs import CompletionOutput, Logprob, RequestOutput
+from pagoda.backend.pooling import PoolingParams
 from pagoda.backend.sampling_params import SamplingParams
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "EngineConfig",
     "LLMEngine",
     "Logprob",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
 ]

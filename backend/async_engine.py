@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed, RequestRejected
 from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.pooling import PoolingParams
 from pagoda.backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class EngineSnapshot:
 class _Submit:
     request_id: str
     prompt: Prompt
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     stream: _Stream
 
 
@@ -96,7 +97,7 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
+        self, request_id: str, prompt: Prompt, params: SamplingParams | PoolingParams
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. A request the engine rejects raises
         its RequestRejected on the first iteration; RequestFailed when the engine fails (or is
@@ -104,7 +105,8 @@ class AsyncEngine:
         cancelled task) aborts the request, which frees its KV blocks within one step.
 
         Outputs are as `params.output_kind` asks (cumulative snapshots, deltas, or the final one
-        only); a caller that fell behind gets the outputs it missed merged into one."""
+        only; PoolingParams: the final one, with the embedding); a caller that fell behind gets
+        the outputs it missed merged into one."""
         if self._stopped:
             raise RequestFailed("the engine is shut down")
         stream = _Stream(asyncio.get_running_loop())

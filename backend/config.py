@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.backend.pooling import POOLING_TYPES
+
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +51,8 @@ class EngineConfig:
     # Run decode steps through the graphs' padded static buffers even without CUDA graphs,
     # eagerly: how the tests check the padded path on CPU.
     static_decode_buffers: bool = False
+    # How embedding requests pool the final hidden states when they do not say: "last" or "mean".
+    pooling: str = "last"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -64,6 +68,10 @@ class EngineConfig:
             _require_positive("cuda_graph_sizes", size)
         if self.cuda_graph_sizes is not None and not self.cuda_graph_sizes:
             raise ValueError("cuda_graph_sizes must name at least one batch size")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(
+                f"pooling must be one of {', '.join(POOLING_TYPES)}, got {self.pooling!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -42,7 +42,8 @@ from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
 from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampler import Sampler
-from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.pooling import PoolingParams, PoolingState, PoolingType
+from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
 
@@ -143,14 +144,22 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: Prompt,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request. Raises a RequestRejected naming the field for a request that can never
-        run (empty or over-long prompt, token ids outside the vocabulary, duplicate id, more
-        samples than a step runs, more KV blocks than the whole cache), before anything of it is
-        queued or allocated."""
-        params = params or SamplingParams()
+        """Queue a request: generation (SamplingParams) or an embedding (PoolingParams: the
+        prompt's pooled final hidden states, in RequestOutput.embedding of its one, final
+        output). Raises a RequestRejected naming the field for a request that can never run
+        (empty or over-long prompt, token ids outside the vocabulary, duplicate id, more samples
+        than a step runs, more KV blocks than the whole cache), before anything of it is queued
+        or allocated."""
+        if isinstance(params, PoolingParams):
+            # Prefill only, as max_tokens=0 is; the embedding comes with the final output.
+            pooling, params = params, SamplingParams(
+                max_tokens=0, output_kind=RequestOutputKind.FINAL_ONLY
+            )
+        else:
+            pooling, params = None, params or SamplingParams()
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"request_id {request_id!r} is already in use")
         limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
@@ -172,7 +181,13 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time or time.monotonic()),
             want_logprobs=params.logprobs is not None and not params.use_beam_search,
             beam=self._beam_state(params, len(prompt_ids)),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
+        if pooling is not None:
+            group.pooling = PoolingState(
+                PoolingType(pooling.pooling_type or self.config.pooling), pooling.normalize,
+                len(prompt_ids),
+            )
         self.scheduler.check_fits(group)
         self.requests[request_id] = group
         self.scheduler.add(group)

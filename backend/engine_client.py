@@ -1,8 +1,8 @@
 """EngineClient: the one door the adapters use into the engine.
 
 It owns an AsyncEngine (an LLMEngine stepping on its own thread) and offers what a server needs:
-streaming generation and aborts, encoding, decoding and chat templates by the engine's own rules,
-facts about the model, health, and the engine's counters. Adapters never reach behind it (the
+streaming generation and aborts, embeddings, encoding, decoding and chat templates by the
+engine's own rules, facts about the model, health, and the engine's counters. Adapters never reach behind it (the
 scheduler, the block manager, the model), so the engine can change inside without them knowing.
 
 Errors are typed (pagoda.backend.errors): a request the engine refuses raises its
@@ -12,6 +12,7 @@ RequestOutput.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,11 +23,13 @@ from transformers import PreTrainedTokenizerBase
 from pagoda.backend.async_engine import AsyncEngine, EngineSnapshot
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
+from pagoda.backend.errors import RequestFailed
 from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.pooling import PoolingParams
 from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampling_params import SamplingParams
 
-__all__ = ["EngineClient", "EngineSnapshot", "ModelInfo", "Prompt"]
+__all__ = ["EngineClient", "EngineSnapshot", "ModelInfo", "PoolingParams", "Prompt"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,23 @@ class EngineClient:
         when the engine fails or is shut down. Closing the iterator early aborts the request and
         frees its KV blocks within one step."""
         return self._engine.generate(request_id, prompt, params)
+
+    async def embed(
+        self, request_id: str, prompt: Prompt, params: PoolingParams | None = None
+    ) -> RequestOutput:
+        """The prompt's final output, with its `embedding`: the final hidden states pooled as
+        `params` asks (by default as the engine's `pooling`, L2-normalized), computed as a
+        prefill-only request batched with the others. Raises RequestRejected for a request the
+        engine refuses, the EngineError of one it failed, RequestFailed when the engine fails or
+        is shut down. Cancelling the call aborts the request."""
+        outputs = self._engine.generate(request_id, prompt, params or PoolingParams())
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                if output.error is not None:
+                    raise output.error
+                if output.finished:
+                    return output
+        raise RequestFailed(f"request {request_id} ended without its embedding")
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)

@@ -1,4 +1,5 @@
-"""Offline batch inference: `LLM(model=...).generate(prompts, params)` and `.chat(...)`."""
+"""Offline batch inference: `LLM(model=...).generate(prompts, params)`, `.chat(...)` and
+`.embed(prompts)`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import InvalidParameter, RequestRejected
 from pagoda.backend.outputs import RequestOutput
+from pagoda.backend.pooling import PoolingParams
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, Any]
@@ -64,16 +66,32 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params_list, use_tqdm)
 
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Each prompt's embedding (RequestOutput.embedding): its final hidden states pooled as
+        `pooling_params` asks (by default as the engine's `pooling`, L2-normalized)."""
+        prompt_list = _as_prompt_list(prompts)
+        params = pooling_params or PoolingParams()
+        return self._run(prompt_list, [params] * len(prompt_list), use_tqdm)
+
     def _run(
-        self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool
+        self,
+        prompts: list[Prompt],
+        params_list: Sequence[SamplingParams | PoolingParams],
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
         order: dict[str, int] = {}
         try:
             for index, (prompt, params) in enumerate(zip(prompts, params_list)):
                 request_id = str(next(self._request_ids))
-                # Only the final outputs are returned: the engine need not build the others.
-                final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-                self.engine.add_request(request_id, prompt, final_only)
+                if isinstance(params, SamplingParams):
+                    # Only the final outputs are returned: the engine need not build the others.
+                    params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                self.engine.add_request(request_id, prompt, params)
                 order[request_id] = index
         except RequestRejected:
             for request_id in order:

@@ -17,6 +17,8 @@ import torch
 from pagoda.backend.attention import BatchLayout
 from pagoda.backend.device_transfer import to_device
 from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.pooling import PoolingRows
+from pagoda.backend.prompt_logprobs import PromptLogprobRows, prompt_logprob_rows
 from pagoda.backend.sampler import SamplingRow
 from pagoda.backend.scheduler import SchedulerOutput
 
@@ -32,6 +34,10 @@ class ModelInput:
     sampling_rows: list[SamplingRow] = field(default_factory=list)
     # Copy-on-write (source, target) block copies to apply before the forward.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Per sequence that wants prompt logprobs: the rows scoring its prompt tokens.
+    prompt_logprob_rows: list[PromptLogprobRows] = field(default_factory=list)
+    # Per pooling (embedding) sequence: the rows whose final hidden states it pools.
+    pooling_rows: list[PoolingRows] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +56,8 @@ def build_model_input(
     block_tables: list[list[int]] = []
     logits_indices: list[int] = []
     sampling_rows: list[SamplingRow] = []
+    prompt_rows: list[PromptLogprobRows] = []
+    pooling_rows: list[PoolingRows] = []
     for item in scheduler_output.scheduled:
         seq, group = item.seq, item.group
         start = seq.num_computed_tokens
@@ -61,7 +69,14 @@ def build_model_input(
         query_start_loc.append(len(input_ids))
         context_lens.append(start)
         block_tables.append(table)
-        if not item.samples_next_token:
+        first_row = len(input_ids) - item.num_new_tokens
+        if (rows := prompt_logprob_rows(group, seq, start, end, first_row)) is not None:
+            prompt_rows.append(rows)
+        if group.pooling is not None:
+            pooled = group.pooling.rows(seq.seq_id, start, end, first_row)
+            if pooled is not None:
+                pooling_rows.append(pooled)
+        if not item.samples_next_token or group.prefill_only:
             continue
         # A beam search group ranks its beams together; the samples riding on its shared
         # prompt prefill are not drawn (beam search forks the beams it keeps).
@@ -89,4 +104,6 @@ def build_model_input(
         logits_indices=to_device(logits_indices, torch.long, device),
         sampling_rows=sampling_rows,
         block_copies=scheduler_output.block_copies,
+        prompt_logprob_rows=prompt_rows,
+        pooling_rows=pooling_rows,
     )

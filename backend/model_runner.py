@@ -1,4 +1,5 @@
-"""Runs one step's ModelInput: copy-on-write copies -> attention metadata -> forward -> sampler."""
+"""Runs one step's ModelInput: copy-on-write copies -> attention metadata -> forward -> sampler,
+and from the same hidden states the prompt logprobs and pooled embeddings asked for."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pagoda.backend.cuda_graphs import DecodeGraphRunner
 from pagoda.backend.model_input import ModelInput
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
+from pagoda.backend.pooling import pool_hidden
+from pagoda.backend.prompt_logprobs import compute_prompt_logprobs
 from pagoda.backend.sampler import Sampler
 
 
@@ -33,7 +36,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelOutput:
         """Apply the pending block copies, feed every scheduled token, and sample each sampling
-        row's next token (beam search rows: their candidates) from its logits row."""
+        row's next token (beam search rows: their candidates) from its logits row; score the
+        prompt tokens of prompt-logprob rows and pool the rows of pooling sequences."""
         self.backend.copy_blocks(self.kv_caches, model_input.block_copies)
         if not model_input.num_tokens:
             return ModelOutput()
@@ -46,7 +50,14 @@ class ModelRunner:
             hidden = self.model(
                 model_input.input_ids, model_input.positions, self.kv_caches, metadata
             )
-        if not model_input.sampling_rows:
-            return ModelOutput()
-        logits = self.model.compute_logits(hidden[model_input.logits_indices])
-        return self.sampler(logits, model_input.sampling_rows)
+        output = ModelOutput()
+        if model_input.sampling_rows:
+            logits = self.model.compute_logits(hidden[model_input.logits_indices])
+            output = self.sampler(logits, model_input.sampling_rows)
+        if model_input.prompt_logprob_rows:
+            output.prompt_logprobs = compute_prompt_logprobs(
+                self.model, hidden, model_input.prompt_logprob_rows
+            )
+        if model_input.pooling_rows:
+            output.pooled = pool_hidden(hidden, model_input.pooling_rows)
+        return output

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagoda.backend.beam_search import Hypothesis
 from pagoda.backend.detokenizer import IncrementalDetokenizer
-from pagoda.backend.outputs import CompletionOutput, RequestOutput
+from pagoda.backend.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from pagoda.backend.sampling_params import RequestOutputKind
 from pagoda.backend.sequence import Sequence, SequenceGroup
 
@@ -58,6 +58,8 @@ class OutputProcessor:
         if not finished and (kind is RequestOutputKind.FINAL_ONLY or not _streams_partial(group)):
             return None
         delta = kind is RequestOutputKind.DELTA
+        # A DELTA request's prompt logprobs go with its first output only.
+        first = group.request_id not in self._sent
         if group.beam_results is not None:
             completions = [self._beam_completion(group, index, hypothesis)
                            for index, hypothesis in enumerate(group.beam_results)]
@@ -81,6 +83,8 @@ class OutputProcessor:
             metrics=group.metrics,
             error=group.error,
             delta=delta,
+            prompt_logprobs=_prompt_logprobs(group) if first or not delta else None,
+            embedding=group.pooling.embedding() if group.pooling is not None else None,
         )
 
     def _completion(self, group: SequenceGroup, seq: Sequence, delta: bool) -> CompletionOutput:
@@ -127,6 +131,10 @@ class OutputProcessor:
             finish_reason="stop" if stopped else "length",
             score=hypothesis.score,
         )
+
+
+def _prompt_logprobs(group: SequenceGroup) -> PromptLogprobs | None:
+    return list(group.prompt_logprobs) if group.prompt_logprobs is not None else None
 
 
 def _streams_partial(group: SequenceGroup) -> bool:

@@ -20,6 +20,9 @@ class Logprob:
 
 # One dict per generated token: the chosen token and the top-k alternatives, by token id.
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: the prompt token and the top-k alternatives, by token id; None for
+# the first token, which nothing before it scores.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -72,6 +75,10 @@ class RequestOutput:
     # cache) or, with `error.internal`, the server's (the model raised on it).
     error: EngineError | None = None
     delta: bool = False  # the completions hold only what is new (RequestOutputKind.DELTA)
+    # With SamplingParams.prompt_logprobs: in every output, but only the first of a DELTA request.
+    prompt_logprobs: PromptLogprobs | None = None
+    # A pooling (embedding) request's pooled final hidden state, in its final output.
+    embedding: list[float] | None = None
 
     def add(self, newer: RequestOutput) -> RequestOutput:
         """This output followed by `newer` (of the same request) as one: what a consumer that
@@ -82,4 +89,7 @@ class RequestOutput:
         for completion in newer.outputs:
             older = merged.get(completion.index)
             merged[completion.index] = completion if older is None else older.add(completion)
-        return dataclasses.replace(newer, outputs=sorted(merged.values(), key=lambda c: c.index))
+        return dataclasses.replace(
+            newer, outputs=sorted(merged.values(), key=lambda c: c.index),
+            prompt_logprobs=self.prompt_logprobs or newer.prompt_logprobs,
+        )

@@ -75,7 +75,9 @@ class RequestSizer:
         else:
             num_common = group.common_history_len() // self.blocks.block_size
         # The full blocks of the common history are stored once; the rest is each sample's own.
-        max_tokens = group.params.max_tokens or self.max_model_len
+        max_tokens = group.params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len
         total = num_common
         for seq in seqs:
             length = len(seq.token_ids)

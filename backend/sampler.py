@@ -28,6 +28,7 @@ from pagoda.backend.logits_processing import (
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.token_logprobs import score_tokens
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ class Sampler:
             token_ids = raw_logits.argmax(dim=-1)
         else:
             token_ids = self._choose_tokens(self.process_logits(logits, rows), rows)
-        return _sampled_tokens(raw_logprobs, token_ids, rows)
+        return score_tokens(raw_logprobs, token_ids, [row.params.logprobs for row in rows])
 
     def beam_candidates(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow]
@@ -239,43 +240,3 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     outside_top_p[:, -1] = False
     sorted_logits.masked_fill_(outside_top_p, float("-inf"))
     logits.scatter_(-1, sorted_ids, sorted_logits)
-
-
-def _sampled_tokens(
-    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
-) -> list[SampledToken]:
-    """Packs the chosen tokens with their raw logprobs, and ranks and top logprobs for the rows
-    that asked for logprobs. Everything comes to the host in one transfer, the step's one wait
-    for the device (float64 holds token ids and float32 logprobs exactly)."""
-    chosen = raw_logprobs.gather(-1, token_ids.unsqueeze(1)).squeeze(1)
-    pieces = [token_ids.double(), chosen.double()]
-    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    num_top = 0
-    if wanted:
-        index = to_device(wanted, torch.long, raw_logprobs.device)
-        wanted_logprobs = raw_logprobs[index]
-        # Rank 1 + the number of strictly more likely tokens, so ties share the better rank.
-        wanted_ranks = (wanted_logprobs > chosen[index].unsqueeze(1)).sum(dim=-1) + 1
-        num_top = min(max(rows[i].params.logprobs for i in wanted), raw_logprobs.shape[-1])
-        top_values, top_ids = wanted_logprobs.topk(num_top, dim=-1)
-        pieces += [wanted_ranks.double(), top_values.double().flatten(),
-                   top_ids.double().flatten()]
-    packed = torch.cat(pieces).tolist()
-    num_rows, num_wanted = len(rows), len(wanted)
-    token_list, chosen_list = packed[:num_rows], packed[num_rows : 2 * num_rows]
-    ranks: dict[int, int] = {}
-    top_logprobs: dict[int, list[tuple[int, float]]] = {}
-    if wanted:
-        rank_list = packed[2 * num_rows : 2 * num_rows + num_wanted]
-        values_start = 2 * num_rows + num_wanted
-        ids_start = values_start + num_wanted * num_top
-        for j, i in enumerate(wanted):
-            ranks[i] = int(rank_list[j])
-            count = rows[i].params.logprobs
-            values = packed[values_start + j * num_top : values_start + j * num_top + count]
-            ids = packed[ids_start + j * num_top : ids_start + j * num_top + count]
-            top_logprobs[i] = [(int(token_id), value) for token_id, value in zip(ids, values)]
-    return [
-        SampledToken(int(token_id), logprob, ranks.get(i, 0), top_logprobs.get(i, []))
-        for i, (token_id, logprob) in enumerate(zip(token_list, chosen_list))
-    ]

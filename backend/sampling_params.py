@@ -44,6 +44,9 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (each with this many top alternatives), computed
+    # in the prefill; the first prompt token has none (vLLM's prompt_logprobs).
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -91,7 +94,8 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, minimum=0)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, minimum=1)
+            # 0: prefill only (for the prompt's logprobs); nothing is generated.
+            _check_int("max_tokens", self.max_tokens, minimum=0)
         _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParameter(
@@ -101,6 +105,8 @@ class SamplingParams:
             )
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
         for token_id, bias in self.logit_bias.items():
             if token_id < 0:
                 raise InvalidParameter(
@@ -113,6 +119,8 @@ class SamplingParams:
                 "early_stopping",
                 f"early_stopping must be true, false or 'never', got {self.early_stopping!r}"
             )
+        if self.use_beam_search and self.max_tokens == 0:
+            raise InvalidParameter("max_tokens", "max_tokens must be >= 1 with use_beam_search")
         if self.use_beam_search and self.temperature > GREEDY_TEMPERATURE and self.temperature != 1.0:
             raise InvalidParameter("temperature", "temperature must be 0 or 1 with use_beam_search")
 

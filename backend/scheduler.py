@@ -6,7 +6,8 @@ token budget (`max_num_batched_tokens`) or `max_num_seqs` is used up. A long pro
 prefilled in chunks alongside other requests' decodes.
 
 `update_from_output` applies a step's results: it advances each sequence's computed tokens,
-publishes full blocks to the prefix cache, forks the samples that shared a prefill, appends the
+publishes full blocks to the prefix cache, keeps prompt logprobs and pooled states (a pooling
+request is done once its prompt is fed), forks the samples that shared a prefill, appends the
 sampled tokens (with the stop checks), advances beam search, and frees what finished. All
 per-step state changes happen here, between one schedule() and the next.
 
@@ -28,6 +29,7 @@ from pagoda.backend.beam_search import advance_beams
 from pagoda.backend.errors import EngineError
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.model_output import BeamCandidates, ModelOutput
+from pagoda.backend.prompt_logprobs import record_prompt_logprobs
 from pagoda.backend.request_sizing import RequestSizer
 from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
 from pagoda.backend.stop_checker import StopChecker
@@ -144,6 +146,8 @@ class Scheduler:
             seq, group = item.seq, item.group
             seq.num_computed_tokens += item.num_new_tokens
             self.blocks.cache_computed_blocks(seq)
+            if self._record_prefill_outputs(item, model_output):
+                touched[group.request_id] = group
             candidates = model_output.beam_candidates.get(seq.seq_id)
             if candidates is not None:
                 beams.setdefault(group.request_id, (group, []))[1].append((seq, candidates))
@@ -158,6 +162,22 @@ class Scheduler:
             if group.is_finished:
                 self.finish(group)
         return list(touched.values())
+
+    def _record_prefill_outputs(self, item: ScheduledSequence, model_output: ModelOutput) -> bool:
+        """Keep the step's prompt logprobs and pooled states of the sequence. True when its
+        request is prefill only (max_tokens=0, pooling) and has now fed its whole prompt: done."""
+        seq, group = item.seq, item.group
+        scored = model_output.prompt_logprobs.get(seq.seq_id)
+        if scored is not None:
+            record_prompt_logprobs(group, scored)
+        pooled = model_output.pooled.get(seq.seq_id)
+        if pooled is not None and group.pooling is not None:
+            group.pooling.add(pooled)
+        if not group.prefill_only or seq.num_uncomputed_tokens:
+            return False
+        for done in group.live_seqs:
+            done.finish("length")
+        return True
 
     def _append_tokens(self, item: ScheduledSequence, model_output: ModelOutput) -> None:
         """The sequence's accepted tokens, and its followers' once they fork its prefill."""
@@ -277,7 +297,9 @@ class Scheduler:
             # The other samples of a group fork the first one's blocks once it has computed what
             # they have in common (see _plan).
             lead = seqs[0]
-            lead.num_computed_tokens = self.blocks.match_prefix(lead)
+            lead.num_computed_tokens = self.blocks.match_prefix(
+                lead, lookup=not group.feeds_every_prompt_position
+            )
             plan = self._plan(group, budget)
             # Room for all the group's tokens now, not only this step's chunk: a group resuming
             # after a preemption that fit its first chunk (the common history) but not its

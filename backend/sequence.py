@@ -15,6 +15,7 @@ from pagoda.backend.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.backend.beam_search import BeamSearchState, Hypothesis
+    from pagoda.backend.pooling import PoolingState
 
 # NOTE: one counter for the process, so sequences forked anywhere (beam search in the scheduler)
 # never collide with those a request starts with.
@@ -93,6 +94,10 @@ class SequenceGroup:
     want_logprobs: bool = False
     beam: BeamSearchState | None = None
     beam_results: list[Hypothesis] | None = None  # the best hypotheses, once finished
+    # With params.prompt_logprobs: one entry per prompt token scored so far (the first is None).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # A pooling (embedding) request: prefill only, its final hidden states pooled.
+    pooling: PoolingState | None = None
 
     @property
     def arrival_time(self) -> float:
@@ -105,6 +110,19 @@ class SequenceGroup:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+    @property
+    def prefill_only(self) -> bool:
+        """It feeds its prompt and is done, drawing no token (max_tokens=0, pooling)."""
+        return self.params.max_tokens == 0 or self.pooling is not None
+
+    @property
+    def feeds_every_prompt_position(self) -> bool:
+        """Whether every prompt position must run through the model (prompt logprobs, mean
+        pooling), so the prefix cache must not serve any."""
+        return self.prompt_logprobs is not None or (
+            self.pooling is not None and self.pooling.needs_every_position
+        )
 
     @property
     def shares_prompt_prefill(self) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pagoda.backend.model_output import SampledToken
-from pagoda.backend.outputs import Logprob
 from pagoda.backend.sequence import Sequence, SequenceGroup
 
 
@@ -25,10 +24,7 @@ class StopChecker:
         seq.token_ids.append(token_id)
         seq.cumulative_logprob += token.logprob
         if group.want_logprobs:
-            step = {top_id: Logprob(logprob, rank) for rank, (top_id, logprob) in
-                    enumerate(token.top_logprobs, start=1)}
-            step[token_id] = Logprob(token.logprob, token.rank)
-            seq.logprobs.append(step)
+            seq.logprobs.append(token.as_logprobs())
         self._check_stop(group, seq, token_id)
 
     def _check_stop(self, group: SequenceGroup, seq: Sequence, token_id: int) -> None:

@@ -6,7 +6,11 @@ fixture checks that no request and no KV block was leaked.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -99,3 +103,22 @@ def wait_until_idle(engine, timeout: float = 30.0) -> None:
     while engine.engine.has_unfinished_requests() or engine.snapshot.num_kv_blocks_used:
         assert time.monotonic() < deadline, "requests still running after the tests"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def pagoda_serve(*args: str) -> Iterator[str]:
+    """`pagoda serve ARGS` as users start it, a subprocess on a free port; yields its base URL.
+    Ctrl-C stops it at the end, which must be a clean exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "pagoda.adapters.cli", "serve", "--port", str(port), *args]
+    process = subprocess.Popen(command)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, timeout=120)
+        yield base_url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            assert process.wait(timeout=30) == 0
+        finally:
+            process.kill()

@@ -56,7 +56,7 @@ def test_bad_requests_raise_naming_the_field(llm):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("max_tokens", 0), ("n", 0),
+    [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("max_tokens", -1), ("n", 0),
      ("min_p", 1.5), ("presence_penalty", 3.0), ("repetition_penalty", 0.0), ("logprobs", -1),
      ("temperature", float("nan")), ("best_of", 0)],
 )

@@ -138,6 +138,19 @@ def test_completion_through_fastchat_api_server(api_server):
     assert len(choice.logprobs.token_logprobs) == completion.usage.completion_tokens
 
 
+def test_embeddings_through_fastchat_api_server(deployment, api_server):
+    client = openai.OpenAI(base_url=api_server, api_key="none", max_retries=0)
+    texts = ["FastChat batches texts", "for the worker"]
+    # The SDK asks for base64: FastChat passes encoding_format on and the worker encodes.
+    response = client.embeddings.create(model="pagoda-demo", input=texts)
+    direct = post(f"{deployment.worker_url}/worker_get_embeddings",
+                  {"model": "pagoda-demo", "input": texts})
+    assert [item.index for item in response.data] == [0, 1]
+    for item, vector in zip(response.data, direct["embedding"]):
+        assert item.embedding == pytest.approx(vector, abs=1e-6)
+    assert response.usage.prompt_tokens == direct["token_num"]
+
+
 def test_worker_errors_reach_the_api_client(api_server):
     client = openai.OpenAI(base_url=api_server, api_key="none", max_retries=0)
     with pytest.raises(openai.BadRequestError) as caught:

@@ -6,6 +6,7 @@ so that slot handling and overload show.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import signal
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -204,10 +206,28 @@ def test_status_tokens_details_and_template(worker, demo_model_dir):
     assert conv["roles"] == ["USER", "ASSISTANT"]
 
 
-def test_embeddings_are_refused_with_an_error_code(worker):
-    result = post(f"{worker}/worker_get_embeddings", {"model": "vicuna-demo", "input": ["hi"]})
-    assert result["error_code"] == 40301
-    assert "embeddings" in result["text"]
+def test_worker_get_embeddings_in_fastchats_shape(worker, demo_model_dir):
+    texts = ["hi", "Hello there, how are you?"]
+    result = post(f"{worker}/worker_get_embeddings", {"model": "vicuna-demo", "input": texts})
+    assert set(result) == {"embedding", "token_num"}
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    assert result["token_num"] == sum(len(tokenizer.encode(text)) for text in texts)
+    vectors = result["embedding"]
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 1
+    assert sum(value * value for value in vectors[0]) == pytest.approx(1.0, abs=1e-5)
+    encoded = post(f"{worker}/worker_get_embeddings",
+                   {"model": "vicuna-demo", "input": texts, "encoding_format": "base64"})
+    decoded = np.frombuffer(base64.b64decode(encoded["embedding"][1]), dtype="<f4")
+    assert decoded.tolist() == pytest.approx(vectors[1], abs=1e-6)
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"model": "someone-else", "input": ["hi"]}, 40301),
+    ({"model": "vicuna-demo", "input": [1, 2]}, 40001),
+    ({"model": "vicuna-demo", "input": ["word " * (MAX_MODEL_LEN + 10)]}, 40303),
+])
+def test_embedding_errors_carry_fastchat_error_codes(worker, body, code):
+    assert post(f"{worker}/worker_get_embeddings", body)["error_code"] == code
 
 
 def test_disconnect_mid_stream_aborts_and_frees_the_slot(worker):

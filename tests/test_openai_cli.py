@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from openai_server import free_port, wait_until_healthy
+from openai_server import pagoda_serve
 
 API_KEY = "cli-key"
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -24,25 +21,14 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfo
 def cli_server(demo_model_dir, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(TEMPLATE)
-    port = free_port()
-    process = subprocess.Popen([
-        sys.executable, "-m", "pagoda.adapters.cli", "serve",
+    with pagoda_serve(
         "--model", str(demo_model_dir), "--served-model-name", "demo", "alias",
-        "--port", str(port), "--api-key", API_KEY, "--chat-template", str(template),
+        "--api-key", API_KEY, "--chat-template", str(template),
         "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "300",
         "--max-model-len", "4096", "--max-num-seqs", "1", "--max-waiting-requests", "1",
         "--enable-force-include-usage", "--uvicorn-log-level", "warning",
-    ])
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base_url, timeout=120)
+    ) as base_url:
         yield base_url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            assert process.wait(timeout=30) == 0
-        finally:
-            process.kill()
 
 
 @pytest.fixture

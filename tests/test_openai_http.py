@@ -208,7 +208,9 @@ def test_invalid_chat_parameter_is_400_naming_it(http, field, value, param):
     ({"prompt": []}, "prompt"),
     ({"prompt": [[1, 10**9]]}, "prompt"),
     ({"prompt": "x", "logprobs": 99}, "logprobs"),
-    ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # the prompt alone needs echo
+    ({"prompt": "x", "prompt_logprobs": 99}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids"),
     ({"prompt": "x", "n": 2, "best_of": 300}, "best_of"),

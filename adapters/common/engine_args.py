@@ -7,6 +7,7 @@ import os
 from dataclasses import fields
 
 from pagoda.backend.config import EngineConfig
+from pagoda.backend.pooling import POOLING_TYPES
 
 MODEL_ENV = "PAGODA_MODEL"
 
@@ -35,6 +36,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-pickle-weights", action="store_true",
                        help="allow loading pickle (.bin) weights, which can run arbitrary code")
     group.add_argument("--trust-remote-code", action="store_true")
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="run decode steps eagerly instead of replaying CUDA graphs")
+    group.add_argument("--cuda-graph-sizes", type=_batch_sizes, default=None,
+                       help="decode batch sizes to capture CUDA graphs for, comma-separated "
+                            "(default: 1,2,4,8, then every 8 up to 64 and every 16 up to "
+                            "--max-num-seqs)")
+    group.add_argument("--static-decode-buffers", action="store_true",
+                       help="run decode steps through the CUDA graphs' padded static buffers "
+                            "even without graphs (for testing that path on a CPU)")
+    group.add_argument("--pooling", choices=POOLING_TYPES, default="last",
+                       help="how /v1/embeddings pools the final hidden states: the last "
+                            "token's, or their mean (L2-normalized either way)")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated batch sizes, got {text!r}"
+        ) from None
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,6 +20,8 @@ from pagoda.backend.sampling_params import SamplingParams
 # FastChat's default when a request names no max_new_tokens (fastchat/serve/inference.py).
 DEFAULT_MAX_NEW_TOKENS = 256
 CHUNK_DELIMITER = b"\0"
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class ErrorCode(IntEnum):
@@ -69,10 +71,7 @@ class GenerateRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> GenerateRequest:
-        try:
-            return cls.model_validate(body)
-        except ValidationError as error:
-            raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
+        return _parse(cls, body)
 
     @property
     def wants_echo(self) -> bool:
@@ -93,6 +92,10 @@ class GenerateRequest(BaseModel):
             # beam search is deterministic and does not use it.
             temperature = 0.0
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            # The engine takes 0 (prompt only), which a FastChat worker has no use for.
+            message = f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            raise WorkerError(ErrorCode.PARAM_OUT_OF_RANGE, message)
         try:
             return SamplingParams(
                 n=1,
@@ -112,6 +115,25 @@ class GenerateRequest(BaseModel):
             )
         except InvalidParameter as error:
             raise engine_error(error) from None
+
+
+class EmbeddingsRequest(BaseModel):
+    """The body of /worker_get_embeddings: FastChat's API server sends batches of texts (token
+    ids it has already decoded with tiktoken)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: str | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> EmbeddingsRequest:
+        return _parse(cls, body)
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 def engine_error(error: EngineError) -> WorkerError:
@@ -134,6 +156,14 @@ def encode_chunk(chunk: dict[str, Any]) -> bytes:
 
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _parse(model: type[BodyT], body: Any) -> BodyT:
+    """The body as `model`; WorkerError 40001 naming what is wrong with it."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise WorkerError(ErrorCode.VALIDATION_TYPE_ERROR, _describe(error)) from None
 
 
 def _describe(error: ValidationError) -> str:

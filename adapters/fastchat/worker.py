@@ -11,8 +11,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from pagoda.adapters.common.embeddings import base64_float32, embed_prompts
 from pagoda.adapters.fastchat.chunks import ChunkBuilder
 from pagoda.adapters.fastchat.protocol import (
+    EmbeddingsRequest,
     ErrorCode,
     GenerateRequest,
     WorkerError,
@@ -129,6 +131,31 @@ class FastChatWorker:
                         self._num_unstarted -= 1
         except WorkerError as error:
             yield error.chunk()
+
+    async def get_embeddings(self, body: Any) -> dict[str, Any]:
+        """FastChat's embeddings answer, {"embedding": [...], "token_num": N} (vectors as
+        floats, or base64 float32 strings), or an error chunk. Pooled as the engine's --pooling
+        says (FastChat's own worker takes the mean)."""
+        try:
+            request = EmbeddingsRequest.parse(body)
+            self._check_model(request.model)
+            self._check_not_overloaded()
+            async with self._slot():
+                request_id = f"fastchat-embd-{uuid.uuid4().hex}"
+                try:
+                    outputs = await embed_prompts(self.client, request_id, request.texts)
+                except EngineError as error:
+                    raise engine_error(error) from None
+        except WorkerError as error:
+            return error.chunk()
+        vectors = [output.embedding or [] for output in outputs]
+        return {
+            "embedding": (
+                [base64_float32(v) for v in vectors] if request.encoding_format == "base64"
+                else vectors
+            ),
+            "token_num": sum(len(output.prompt_token_ids) for output in outputs),
+        }
 
     async def generate(self, body: Any) -> dict[str, Any]:
         """The last chunk of the stream: the whole text with usage and finish_reason."""

@@ -7,7 +7,7 @@ controller read errors from there and reduce any other status to a code-less fai
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -54,15 +54,21 @@ def worker_routes(
             return NulDelimitedStream(_single(error.chunk()))
         return NulDelimitedStream(worker.generate_stream(body))
 
-    async def generate(request: Request) -> Response:
+    async def answer(
+        request: Request, work: Callable[[Any], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        """`work(body)` as one JSON answer; a client that leaves first aborts its engine work."""
         try:
             body = await _json_body(request)
         except WorkerError as error:
             return JSONResponse(error.chunk())
         try:
-            return JSONResponse(await unless_disconnected(request, worker.generate(body)))
+            return JSONResponse(await unless_disconnected(request, work(body)))
         except ClientDisconnected:
-            return Response(status_code=499)  # nobody reads it; the engine request is aborted
+            return Response(status_code=499)  # nobody reads it
+
+    async def generate(request: Request) -> Response:
+        return await answer(request, worker.generate)
 
     async def get_status(request: Request) -> Response:
         return JSONResponse(worker.status())
@@ -84,12 +90,7 @@ def worker_routes(
         return JSONResponse({"conv": worker.conv_template})
 
     async def get_embeddings(request: Request) -> Response:
-        error = WorkerError(
-            ErrorCode.INVALID_MODEL,
-            f"{', '.join(worker.model_names)} is served for generation; this Pagoda worker does "
-            "not compute embeddings",
-        )
-        return JSONResponse(error.chunk())
+        return await answer(request, worker.get_embeddings)
 
     endpoints = {
         "/worker_generate_stream": generate_stream,

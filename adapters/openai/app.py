@@ -31,6 +31,8 @@ from pagoda.adapters.openai.errors import (
 from pagoda.adapters.openai.protocol import ModelCard, ModelList
 from pagoda.adapters.openai.serving_chat import ChatEndpoint
 from pagoda.adapters.openai.serving_completions import CompletionsEndpoint
+from pagoda.adapters.openai.serving_embeddings import EmbeddingsEndpoint
+from pagoda.adapters.openai.serving_responses import ResponsesEndpoint
 from pagoda.adapters.openai.serving_tokens import TokenEndpoints
 from pagoda.adapters.openai.settings import ServerSettings
 from pagoda.adapters.openai.state import ServerState
@@ -46,6 +48,8 @@ def create_app(
     state = ServerState(client, settings)
     chat = ChatEndpoint(state)
     completions = CompletionsEndpoint(state)
+    embeddings = EmbeddingsEndpoint(state)
+    responses = ResponsesEndpoint(state)
     tokens = TokenEndpoints(state)
     model_root = client.info.model or settings.model_name
 
@@ -77,6 +81,9 @@ def create_app(
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat.handle, methods=["POST"]),
         Route("/v1/completions", completions.handle, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.handle, methods=["POST"]),
+        Route("/v1/responses", responses.handle, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
         Route("/tokenize", tokens.tokenize, methods=["POST"]),
         Route("/detokenize", tokens.detokenize, methods=["POST"]),
         *extra_routes,

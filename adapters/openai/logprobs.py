@@ -8,6 +8,7 @@ character split across byte tokens can be put back together, as OpenAI's field i
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from tokenizers.decoders import ByteLevel
 from transformers import PreTrainedTokenizerBase
@@ -16,9 +17,10 @@ from pagoda.adapters.openai.protocol import (
     ChatLogprobs,
     ChatLogprobToken,
     CompletionLogprobs,
+    PromptLogprob,
     TopLogprob,
 )
-from pagoda.backend.outputs import Logprob
+from pagoda.backend.outputs import Logprob, PromptLogprobs
 
 # Sentencepiece's byte fallback pieces, e.g. "<0xE2>".
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -108,19 +110,40 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    steps: list[dict[int, Logprob]], token_ids: list[int], first_offset: int,
-    strings: TokenStrings,
+    steps: Sequence[dict[int, Logprob] | None], token_ids: list[int], first_offset: int,
+    strings: TokenStrings, result: CompletionLogprobs | None = None,
 ) -> CompletionLogprobs:
     """OpenAI's legacy shape: parallel lists; each top_logprobs entry holds the requested top
     tokens plus the chosen one (so up to logprobs + 1), and text_offset counts characters from
-    first_offset, where the tokens' text starts in the choice's text."""
-    result = CompletionLogprobs()
+    first_offset, where the tokens' text starts in the choice's text. A step of None (the first
+    prompt token of an echo) has null logprobs. Appends to `result` when one is given."""
+    result = CompletionLogprobs() if result is None else result
     offset = first_offset
     for step, token_id in zip(steps, token_ids, strict=True):
         text = strings.text(token_id)
         result.tokens.append(text)
-        result.token_logprobs.append(_chosen(step, token_id))
-        result.top_logprobs.append({strings.text(tid): lp.logprob for tid, lp in step.items()})
+        if step is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            result.token_logprobs.append(_chosen(step, token_id))
+            result.top_logprobs.append({strings.text(tid): lp.logprob for tid, lp in step.items()})
         result.text_offset.append(offset)
         offset += len(text)
     return result
+
+
+def prompt_logprobs_json(
+    entries: PromptLogprobs, strings: TokenStrings
+) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None (the first) or each scored token id's
+    logprob, rank and text."""
+    return [
+        None if entry is None else {
+            token_id: PromptLogprob(
+                logprob=logprob.logprob, rank=logprob.rank, decoded_token=strings.text(token_id)
+            )
+            for token_id, logprob in entry.items()
+        }
+        for entry in entries
+    ]

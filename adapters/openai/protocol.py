@@ -74,6 +74,7 @@ class SamplingRequest(RequestModel):
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -83,6 +84,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: the reply starts with the last message's content when it has the reply's role.
+    echo: bool | None = None
 
 
 def _one_prompt_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -143,6 +146,18 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one token id's entry in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# Per prompt token: None (the first) or the entries by token id (JSON keys are strings).
+PromptLogprobsField = list[dict[int, PromptLogprob] | None] | None
+
+
 class ChatLogprobToken(TopLogprob):
     top_logprobs: list[TopLogprob]
 
@@ -171,6 +186,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsField = None
 
 
 class DeltaMessage(BaseModel):
@@ -213,6 +229,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsField = None
 
 
 class CompletionResponse(BaseModel):

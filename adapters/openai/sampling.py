@@ -22,10 +22,16 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     param_names: dict[str, str],
+    prompt_logprobs: int | None = None,
+    echo: bool = False,
 ) -> SamplingParams:
-    """max_tokens and logprobs come resolved (their request fields differ between endpoints);
-    `param_names` maps a SamplingParams field to the request field an error should name."""
+    """max_tokens, logprobs and prompt_logprobs come resolved (their request fields differ
+    between endpoints); `param_names` maps a SamplingParams field to the request field an error
+    should name. max_tokens=0 (the prompt alone) is for an `echo` only."""
     _check_response_format(request)
+    if max_tokens == 0 and not echo:
+        name = param_names.get("max_tokens", "max_tokens")
+        raise invalid_param(f"{name} must be >= 1 (0, the prompt alone, needs echo)", name)
     values = {name: getattr(request, name) for name in _PASSED_THROUGH}
     if request.use_beam_search and request.temperature is None:
         # Beam search ranks by log-probability; OpenAI's default temperature of 1 is for sampling.
@@ -33,6 +39,7 @@ def build_sampling_params(
     values["logit_bias"] = _logit_bias(request.logit_bias)
     values["max_tokens"] = max_tokens
     values["logprobs"] = logprobs
+    values["prompt_logprobs"] = prompt_logprobs
     # A stream sends what each step adds; a whole answer needs only the final output.
     values["output_kind"] = (
         RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
@@ -46,9 +53,19 @@ def build_sampling_params(
 
 
 def check_streamable(request: SamplingRequest, params: SamplingParams) -> None:
-    """Samples beyond n are dropped only when all are done, so their text cannot be streamed."""
+    """Samples beyond n are dropped only when all are done, so their text cannot be streamed;
+    vLLM's prompt_logprobs field is a whole answer's."""
     if request.stream and params.num_sequences > params.n and not params.use_beam_search:
         raise invalid_param("best_of greater than n is not supported with stream", "best_of")
+    if request.stream and request.prompt_logprobs is not None:
+        raise invalid_param("prompt_logprobs is not supported with stream", "prompt_logprobs")
+
+
+def checked_logprobs(value: int | None, name: str, maximum: int) -> int | None:
+    """A count of top logprobs, refused with a 400 naming `name` outside 0..maximum."""
+    if value is not None and not 0 <= value <= maximum:
+        raise invalid_param(f"{name} must be in 0..{maximum}, got {value}", name)
+    return value
 
 
 def _check_response_format(request: SamplingRequest) -> None:

@@ -62,6 +62,9 @@ Outputs = AsyncIterator[tuple[int, RequestOutput]]
 
 class GenerationEndpoint(ABC):
     id_prefix: str  # "chatcmpl" or "cmpl", as OpenAI's ids start
+    # The last event of a stream: chat and completions end with `data: [DONE]`; the Responses
+    # API does not.
+    done_event: str | None = "[DONE]"
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -84,6 +87,14 @@ class GenerationEndpoint(ABC):
 
     def new_request_id(self) -> str:
         return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def sse_event(self, chunk: BaseModel, exclude: set[str] | None) -> str | dict[str, str]:
+        """A chunk as an SSE event: `data: {json}` (a dict adds an `event:` name)."""
+        return chunk.model_dump_json(exclude=exclude)
+
+    def sse_error(self, job: Job, error: OpenAIError) -> str | dict[str, str]:
+        """The event of an engine failure after the headers went: OpenAI's SDK raises on it."""
+        return json.dumps({"error": error.info.model_dump()})
 
     async def handle(self, request: Request) -> Response:
         tracker = self.state.metrics.track()
@@ -139,27 +150,27 @@ class GenerationEndpoint(ABC):
 
     async def _events(
         self, job: Job, streams: PromptStreams, tracker: RequestTracker
-    ) -> AsyncIterator[str]:
-        """`data: {json}` per chunk, an error event if the engine fails the request, then
-        `data: [DONE]`. A client that goes away cancels this generator: no [DONE] then, and the
+    ) -> AsyncIterator[str | dict[str, str]]:
+        """An event per chunk, an error event if the engine fails the request, then the done
+        event. A client that goes away cancels this generator: no done event then, and the
         engine requests are aborted."""
         exclude = None if job.include_usage else {"usage"}
         finals: dict[int, RequestOutput] = {}
         outcome = "aborted"
         try:
             async for chunk in self.chunks(job, _remember(_tracked(job, streams, tracker), finals)):
-                yield chunk.model_dump_json(exclude=exclude)
+                yield self.sse_event(chunk, exclude)
             if job.include_usage:
                 yield self.usage_chunk(job, usage_of(finals)).model_dump_json()
             outcome = "success"
         except OpenAIError as error:
             outcome = "error"
-            # Headers are gone already; OpenAI's SDK raises on an event carrying an error.
-            yield json.dumps({"error": error.info.model_dump()})
+            yield self.sse_error(job, error)  # the headers are gone already
         finally:
             streams.cancel()
             tracker.finish(outcome)
-        yield "[DONE]"
+        if self.done_event is not None:
+            yield self.done_event
 
 
 async def _tracked(job: Job, streams: PromptStreams, tracker: RequestTracker) -> Outputs:

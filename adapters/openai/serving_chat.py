@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pagoda.adapters.openai.errors import invalid_param
-from pagoda.adapters.openai.logprobs import chat_logprobs
+from pagoda.adapters.openai.logprobs import chat_logprobs, prompt_logprobs_json
 from pagoda.adapters.openai.parsing import parse_body
 from pagoda.adapters.openai.protocol import (
     AssistantMessage,
@@ -19,7 +19,11 @@ from pagoda.adapters.openai.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from pagoda.adapters.openai.sampling import build_sampling_params, check_streamable
+from pagoda.adapters.openai.sampling import (
+    build_sampling_params,
+    check_streamable,
+    checked_logprobs,
+)
 from pagoda.adapters.openai.serving import GenerationEndpoint, Job, Outputs, include_usage, usage_of
 from pagoda.backend.outputs import CompletionOutput, RequestOutput
 
@@ -45,6 +49,9 @@ class ChatEndpoint(GenerationEndpoint):
             max_tokens=getattr(request, max_tokens_param),
             logprobs=self._logprobs(request),
             param_names=param_names,
+            prompt_logprobs=checked_logprobs(
+                request.prompt_logprobs, "prompt_logprobs", self.state.settings.max_logprobs
+            ),
         )
         check_streamable(request, params)
         return Job(
@@ -75,20 +82,39 @@ class ChatEndpoint(GenerationEndpoint):
             self.state.token_strings,
         )
 
+    def _echo(self, job: Job) -> str:
+        """vLLM's chat echo: the last message's content, when the reply continues its role."""
+        request = job.request
+        assert isinstance(request, ChatCompletionRequest)
+        last = request.messages[-1]
+        if not request.echo or (request.add_generation_prompt is not False
+                                and last.role != "assistant"):
+            return ""
+        content = last.content
+        if isinstance(content, str):
+            return content
+        # Text parts only: rendering the conversation refused any other.
+        return "\n".join(part["text"] for part in content or [])
+
     def response(self, job: Job, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
+        echo = self._echo(job)
         choices = [
             ChatChoice(
                 index=completion.index,
-                message=AssistantMessage(content=completion.text),
+                message=AssistantMessage(content=echo + completion.text),
                 logprobs=self._logprobs_of(job, completion),
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
             )
             for completion in outputs[0].outputs
         ]
+        prompt_logprobs = outputs[0].prompt_logprobs
         return ChatCompletionResponse(
             id=job.request_id, created=job.created, model=job.model, choices=choices,
             usage=usage_of(outputs),
+            prompt_logprobs=None if prompt_logprobs is None else prompt_logprobs_json(
+                prompt_logprobs, self.state.token_strings
+            ),
         )
 
     def _chunk(self, job: Job, choice: ChatChunkChoice) -> ChatCompletionChunk:
@@ -98,8 +124,9 @@ class ChatEndpoint(GenerationEndpoint):
 
     async def chunks(self, job: Job, outputs: Outputs) -> AsyncIterator[ChatCompletionChunk]:
         # One choice per chunk: clients such as Open WebUI read choices[0] only.
+        echo = self._echo(job)
         for index in range(job.params.n):
-            delta = DeltaMessage(role="assistant", content="")
+            delta = DeltaMessage(role="assistant", content=echo)
             yield self._chunk(job, ChatChunkChoice(index=index, delta=delta))
         # The outputs are deltas (RequestOutputKind.DELTA): each chunk carries one as it is.
         async for _, output in outputs:

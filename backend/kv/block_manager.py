@@ -70,18 +70,19 @@ class BlockManager:
             return index
         return None
 
-    def match_prefix(self, seq: SequenceTokens) -> int:
+    def match_prefix(self, seq: SequenceTokens, lookup: bool = True) -> int:
         """Attach the cached blocks that hold a prefix of a sequence with no blocks yet.
 
         Returns how many leading tokens are already computed. The last token is never taken from
         the cache: the model must run on at least one token to produce the next token's logits.
+        lookup=False starts the sequence with no cached block (all its positions must run).
         """
         assert seq.seq_id not in self.block_tables, "prefix matching is for fresh sequences"
         table: list[KVBlock] = []
         keys: list[BlockKey] = []
         self.block_tables[seq.seq_id] = table
         self._block_keys[seq.seq_id] = keys
-        if not self.pool.enable_caching:
+        if not (self.pool.enable_caching and lookup):
             return 0
         num_matchable = (len(seq.token_ids) - 1) // self.block_size
         parent: BlockKey | None = None

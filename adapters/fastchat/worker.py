@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pagoda.adapters.fastchat.chunks import ChunkBuilder
+from pagoda.adapters.fastchat.flags import DEFAULT_LIMIT_WORKER_CONCURRENCY
 from pagoda.adapters.fastchat.protocol import (
     ErrorCode,
     GenerateRequest,
@@ -22,10 +23,6 @@ from pagoda.backend.engine_client import EngineClient
 from pagoda.backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
-
-# FastChat's vLLM worker default: a batching engine queues requests itself, so the semaphore
-# only caps how many a worker accepts at once.
-DEFAULT_LIMIT_WORKER_CONCURRENCY = 1024
 
 
 class FastChatWorker:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -49,6 +50,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                       "process"),
     "fastchat-worker": ("fastchat_worker.py", "pagoda worker against FastChat's model_worker "
                                               "behind its controller"),
+    "compare-checkouts": ("compare_checkouts.py", "two checkouts' offline tokens/s in "
+                                                  "alternating rounds (no-slowdown checks)"),
     "plots": ("plots.py", "PNG plots of the result JSONs"),
 }
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
@@ -221,10 +224,13 @@ def generate_offline(
 async def _final_outputs(
     client: EngineClient, prompts: list[Prompt], params: SamplingParams
 ) -> list[RequestOutput]:
+    from pagoda.backend.sampling_params import RequestOutputKind
+
+    final_only = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+
     async def final(request_id: str, prompt: Prompt) -> RequestOutput:
-        # Outputs are cumulative snapshots: the last one is the whole answer.
-        outputs = client.generate(request_id, prompt, params, newest_only=True)
-        return [output async for output in outputs][-1]
+        (output,) = [output async for output in client.generate(request_id, prompt, final_only)]
+        return output
 
     return await asyncio.gather(*(final(f"cli-{i}", p) for i, p in enumerate(prompts)))
 

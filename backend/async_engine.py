@@ -60,12 +60,14 @@ class _Stream:
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    async def get(self, newest: bool) -> RequestOutput | BaseException:
-        """The next output, or with `newest` the last of those queued (a finished output or an
-        error is always the last one a stream gets)."""
+    async def get(self) -> RequestOutput | BaseException:
+        """Everything that arrived since the last call, as one output: a reader that fell behind
+        gets what it missed at once (RequestOutput.add: deltas concatenated, otherwise the newest)
+        instead of working through a backlog. An error is always the last item a stream gets."""
         item = await self.queue.get()
-        while newest and not self.queue.empty():
-            item = self.queue.get_nowait()
+        while not isinstance(item, BaseException) and not self.queue.empty():
+            newer = self.queue.get_nowait()
+            item = newer if isinstance(newer, BaseException) else item.add(newer)
         return item
 
 
@@ -94,17 +96,15 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, newest_only: bool = False
+        self, request_id: str, prompt: Prompt, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. A request the engine rejects raises
         its RequestRejected on the first iteration; RequestFailed when the engine fails (or is
         shut down) instead. Leaving the loop early (a disconnected client, a
         cancelled task) aborts the request, which frees its KV blocks within one step.
 
-        Each RequestOutput is a cumulative snapshot (all text, tokens and logprobs so far). With
-        `newest_only`, a caller that fell behind gets only the newest of the outputs that arrived
-        meanwhile (the final one included), instead of working through a backlog of stale
-        snapshots; without it, every output (one per step that advanced the request)."""
+        Outputs are as `params.output_kind` asks (cumulative snapshots, deltas, or the final one
+        only); a caller that fell behind gets the outputs it missed merged into one."""
         if self._stopped:
             raise RequestFailed("the engine is shut down")
         stream = _Stream(asyncio.get_running_loop())
@@ -112,7 +112,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.get(newest_only)
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item

@@ -56,6 +56,13 @@ class EngineConfig:
     # torch's intra-op threads on CPU; None: $OMP_NUM_THREADS, else the cores this process may
     # use (backend/host.py).
     cpu_threads: int | None = None
+    # CUDA graphs for decode steps (on CUDA with a backend that supports them) unless
+    # enforce_eager; cuda_graph_sizes are the batch-size buckets (default: cuda_graph_sizes()).
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
+    # Run decode steps through the graphs' padded static buffers even without CUDA graphs,
+    # eagerly: how the tests check the padded path on CPU.
+    static_decode_buffers: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -69,6 +76,10 @@ class EngineConfig:
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
+        for size in self.cuda_graph_sizes or []:
+            _require_positive("cuda_graph_sizes", size)
+        if self.cuda_graph_sizes is not None and not self.cuda_graph_sizes:
+            raise ValueError("cuda_graph_sizes must name at least one batch size")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

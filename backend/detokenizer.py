@@ -55,6 +55,11 @@ class IncrementalDetokenizer:
             message = f"stop: stop strings must be non-empty, got {list(stop)!r}"
             raise InvalidParameter("stop", message)
         self._tokenizer = tokenizer
+        # A tokenizer backed by the Rust `tokenizers` library decodes through it directly:
+        # transformers' decode adds nothing for it with clean-up off (spaces between special
+        # tokens are the backend's own), and its wrapper costs more than the decode itself,
+        # twice per generated token.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._skip_special_tokens = skip_special_tokens
         self._spaces_between_special_tokens = spaces_between_special_tokens
         self._stop = tuple(stop)
@@ -112,6 +117,8 @@ class IncrementalDetokenizer:
         return self._text
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             token_ids,
             skip_special_tokens=self._skip_special_tokens,

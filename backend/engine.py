@@ -21,6 +21,7 @@ from transformers import (
 from pagoda.backend.attention import AttentionBackend, get_attention_backend
 from pagoda.backend.beam_search import BeamSearchState
 from pagoda.backend.config import EngineConfig
+from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
@@ -31,7 +32,7 @@ from pagoda.backend.model_input import build_model_input
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.models import build_model
-from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
 from pagoda.backend.models.loader import (
     check_unquantized,
     checkpoint_dtype,
@@ -90,7 +91,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             self.model, kv_caches, attention, Sampler(self.eos_token_ids, seed=config.seed),
-            self.device,
+            self.device, self._graph_runner(kv_caches, attention),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
@@ -98,6 +99,26 @@ class LLMEngine:
         # is a failure of the model on that request (see _isolate_failure). None in production,
         # so it costs one attribute check per step.
         self.fault_injector: Callable[[SequenceGroup], None] | None = None
+
+    def _graph_runner(
+        self, kv_caches: list[KVCache], attention: AttentionBackend
+    ) -> DecodeGraphRunner | None:
+        """CUDA graphs for decode steps where the device and attention backend allow them (and
+        enforce_eager does not forbid them); the same padded buffers run eagerly when only
+        static_decode_buffers asks for them."""
+        config = self.config
+        capture = (self.device.type == "cuda" and attention.supports_cuda_graphs
+                   and not config.enforce_eager)
+        if not (capture or config.static_decode_buffers):
+            return None
+        runner = DecodeGraphRunner(
+            self.model, kv_caches, attention,
+            config.cuda_graph_sizes or cuda_graph_sizes(config.max_num_seqs),
+            self.max_model_len, config.block_size, self.device,
+        )
+        if capture:
+            runner.capture()
+        return runner
 
     def _model_path(self) -> Path:
         if self.config.model is None:

@@ -94,14 +94,15 @@ class EngineClient:
     # -- requests ---------------------------------------------------------------------------
 
     def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, newest_only: bool = False
+        self, request_id: str, prompt: Prompt, params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
-        """The request's outputs, each a cumulative snapshot, until one is finished. Raises
+        """The request's outputs until one is finished, as `params.output_kind` asks: cumulative
+        snapshots, deltas (what is new since the previous output), or only the final output. A
+        reader that fell behind gets what it missed merged into one output. Raises
         RequestRejected on the first iteration for a request the engine refuses, RequestFailed
-        when the engine fails or is shut down. With `newest_only`, a reader that fell behind gets
-        only the newest output that arrived meanwhile. Closing the iterator early aborts the
-        request and frees its KV blocks within one step."""
-        return self._engine.generate(request_id, prompt, params, newest_only=newest_only)
+        when the engine fails or is shut down. Closing the iterator early aborts the request and
+        frees its KV blocks within one step."""
+        return self._engine.generate(request_id, prompt, params)
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagoda.backend.attention import BatchLayout
+from pagoda.backend.device_transfer import to_device
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.sampler import SamplingRow
 from pagoda.backend.scheduler import SchedulerOutput
@@ -78,14 +79,14 @@ def build_model_input(
         query_start_loc=query_start_loc,
         context_lens=context_lens,
         block_tables=block_tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_mapping=to_device(slots, torch.long, device),
         block_size=block_size,
     )
     return ModelInput(
-        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=to_device(input_ids, torch.long, device),
+        positions=to_device(positions, torch.long, device),
         layout=layout,
-        logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
+        logits_indices=to_device(logits_indices, torch.long, device),
         sampling_rows=sampling_rows,
         block_copies=scheduler_output.block_copies,
     )

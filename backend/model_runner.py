@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.backend.attention import AttentionBackend
+from pagoda.backend.cuda_graphs import DecodeGraphRunner
 from pagoda.backend.model_input import ModelInput
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
@@ -19,12 +20,15 @@ class ModelRunner:
         backend: AttentionBackend,
         sampler: Sampler,
         device: torch.device,
+        graph_runner: DecodeGraphRunner | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.sampler = sampler
         self.device = device
+        # Decode steps run through it (padded, replayed from CUDA graphs where captured).
+        self.graph_runner = graph_runner
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelOutput:
@@ -33,8 +37,15 @@ class ModelRunner:
         self.backend.copy_blocks(self.kv_caches, model_input.block_copies)
         if not model_input.num_tokens:
             return ModelOutput()
-        metadata = self.backend.prepare(model_input.layout, self.device, self.model.sliding_window)
-        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches, metadata)
+        if self.graph_runner is not None and self.graph_runner.supports(model_input):
+            hidden = self.graph_runner.hidden_states(model_input)
+        else:
+            metadata = self.backend.prepare(
+                model_input.layout, self.device, self.model.sliding_window
+            )
+            hidden = self.model(
+                model_input.input_ids, model_input.positions, self.kv_caches, metadata
+            )
         if not model_input.sampling_rows:
             return ModelOutput()
         logits = self.model.compute_logits(hidden[model_input.logits_indices])

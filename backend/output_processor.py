@@ -26,6 +26,7 @@ class _Sent:
 
     num_tokens: int = 0
     num_chars: int = 0
+    finished: bool = False  # its finish_reason was sent: later deltas leave it out
 
 
 class OutputProcessor:
@@ -61,7 +62,11 @@ class OutputProcessor:
             completions = [self._beam_completion(group, index, hypothesis)
                            for index, hypothesis in enumerate(group.beam_results)]
         else:
-            completions = [self._completion(group, seq, delta) for seq in _reported_seqs(group)]
+            seqs = _reported_seqs(group)
+            if delta:
+                sent = self._sent.setdefault(group.request_id, {})
+                seqs = [seq for seq in seqs if not sent.get(seq.seq_id, _Sent()).finished]
+            completions = [self._completion(group, seq, delta) for seq in seqs]
             if finished and group.params.num_sequences > group.params.n:
                 for rank, completion in enumerate(completions):
                     completion.index = rank  # best_of: the winners, renumbered best first
@@ -89,6 +94,7 @@ class OutputProcessor:
                 logprobs = logprobs[sent.num_tokens:]
             sent.num_chars += len(text)
             sent.num_tokens += len(token_ids)
+            sent.finished = seq.is_finished
         return CompletionOutput(
             index=seq.index,
             text=text,

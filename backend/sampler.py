@@ -12,14 +12,21 @@ are those of the raw logits, before any of that processing (as OpenAI and vLLM r
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from pagoda.backend.device_transfer import to_device
+from pagoda.backend.logits_processing import (
+    apply_logit_bias,
+    apply_min_tokens,
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    float32_tensor,
+)
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
+from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
 
 
@@ -54,13 +61,13 @@ class Sampler:
         beam = [i for i, row in enumerate(rows) if row.params.use_beam_search]
         if beam:
             beam_rows = [rows[i] for i in beam]
-            candidates = self.beam_candidates(logits[torch.tensor(beam, device=logits.device)],
+            candidates = self.beam_candidates(logits[to_device(beam, torch.long, logits.device)],
                                               beam_rows)
             output.beam_candidates = {row.seq_id: c for row, c in zip(beam_rows, candidates)}
         if len(beam) < len(rows):
             sampled = [i for i, row in enumerate(rows) if not row.params.use_beam_search]
             if beam:
-                logits = logits[torch.tensor(sampled, device=logits.device)]
+                logits = logits[to_device(sampled, torch.long, logits.device)]
                 rows = [rows[i] for i in sampled]
             tokens = self.sample(logits, rows)
             output.tokens = {row.seq_id: [token] for row, token in zip(rows, tokens)}
@@ -98,10 +105,10 @@ class Sampler:
         presence and frequency penalties applied; temperature and truncation are not.
         Token ids at or beyond the vocabulary in logit_bias or stop_token_ids are ignored."""
         processed = logits.to(torch.float32, copy=True)
-        _apply_logit_bias(processed, rows)
-        _apply_min_tokens(processed, rows, self.eos_token_ids)
-        _apply_repetition_penalty(processed, rows)
-        _apply_presence_frequency_penalties(processed, rows)
+        apply_logit_bias(processed, rows)
+        apply_min_tokens(processed, rows, self.eos_token_ids)
+        apply_repetition_penalty(processed, rows)
+        apply_presence_frequency_penalties(processed, rows)
         return processed
 
     def _choose_tokens(self, processed: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -111,10 +118,10 @@ class Sampler:
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if greedy:
-            greedy_index = torch.tensor(greedy, device=device)
+            greedy_index = to_device(greedy, torch.long, device)
             token_ids[greedy_index] = processed[greedy_index].argmax(dim=-1)
         if random:
-            random_index = torch.tensor(random, device=device)
+            random_index = to_device(random, torch.long, device)
             token_ids[random_index] = self._sample(
                 processed[random_index], [rows[i] for i in random]
             )
@@ -123,17 +130,17 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Temperature, min_p, top_k, top_p, then one draw per row; modifies logits in place."""
         device = logits.device
-        temperatures = _float32_tensor([row.params.temperature for row in rows], device)
+        temperatures = float32_tensor([row.params.temperature for row in rows], device)
         logits.div_(temperatures.unsqueeze(1))
         min_p = [row.params.min_p for row in rows]
         if any(value > 0.0 for value in min_p):
-            _apply_min_p(logits, _float32_tensor(min_p, device))
+            _apply_min_p(logits, float32_tensor(min_p, device))
         vocab_size = logits.shape[-1]
         top_k = [_effective_top_k(row.params.top_k, vocab_size) for row in rows]
         top_p = [row.params.top_p for row in rows]
         if any(p < 1.0 for p in top_p):
             _apply_top_k_top_p(
-                logits, torch.tensor(top_k, device=device), _float32_tensor(top_p, device)
+                logits, to_device(top_k, torch.long, device), float32_tensor(top_p, device)
             )
         elif any(k < vocab_size for k in top_k):
             _apply_top_k(logits, top_k)
@@ -151,14 +158,14 @@ class Sampler:
         unseeded = [i for i, row in enumerate(rows) if row.seed is None]
         if unseeded:
             shared = torch.empty(len(unseeded), vocab_size, dtype=torch.float32, device=device)
-            noise[torch.tensor(unseeded, device=device)] = shared.exponential_(
+            noise[to_device(unseeded, torch.long, device)] = shared.exponential_(
                 generator=self._shared_generator(device)
             )
         seeded = [(i, row) for i, row in enumerate(rows) if row.seed is not None]
         if seeded:
-            keys = [_stream_key(row.seed, len(row.output_token_ids)) for _, row in seeded]
-            noise[torch.tensor([i for i, _ in seeded], device=device)] = _counter_exponential(
-                torch.tensor(keys, dtype=torch.int64, device=device), vocab_size
+            keys = [stream_key(row.seed, len(row.output_token_ids)) for _, row in seeded]
+            noise[to_device([i for i, _ in seeded], torch.long, device)] = counter_exponential(
+                to_device(keys, torch.int64, device), vocab_size
             )
         # NOTE: q == 0 would turn p / q into inf (or nan for p == 0) and could elect an excluded
         # token; the clamp keeps every q positive while leaving the distribution unchanged.
@@ -193,162 +200,10 @@ def _needs_processing(row: SamplingRow) -> bool:
     )
 
 
-def _stream_key(seed: int, step: int) -> int:
-    """The 63-bit key of a seeded sequence's draw at one step, fixed by (seed, step) alone, so the
-    sequence draws the same noise whatever its batch and after a recompute. Hashing the pair
-    (rather than seed + step) keeps seeds s and s + 1 from replaying each other's streams
-    shifted by one step."""
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _as_int64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# SplitMix64's increment and finalizer constants (Steele, Lea and Flood, 2014), as int64.
-_SPLITMIX_GAMMA = _as_int64(0x9E3779B97F4A7C15)
-_SPLITMIX_MIX_1 = _as_int64(0xBF58476D1CE4E5B9)
-_SPLITMIX_MIX_2 = _as_int64(0x94D049BB133111EB)
-
-
-def _counter_exponential(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[len(keys), vocab_size] Exp(1) draws: token t of row r gets the SplitMix64 output number
-    t + 1 of the stream started at keys[r]. Counter-based, so all seeded rows are drawn in one
-    batched computation instead of one torch.Generator per row and step (seeding a Mersenne
-    Twister per row cost more than the draws)."""
-    counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=keys.device)
-    # int64 arithmetic wraps around, as SplitMix64's uint64 does; shifts must be logical.
-    z = keys[:, None] + counters[None, :] * _SPLITMIX_GAMMA
-    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MIX_1
-    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MIX_2
-    z = z ^ _shift_right(z, 31)
-    # The top 53 bits as a float64 strictly inside (0, 1), so -log is finite and positive.
-    uniform = (_shift_right(z, 11).double() + 0.5) * 2.0**-53
-    return torch.log(uniform).neg_().float()
-
-
-def _shift_right(value: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> copies the sign bit)."""
-    return (value >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _float32_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    # NOTE: explicit dtype, because model loaders may change torch's default dtype to bf16.
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
 def _effective_top_k(top_k: int, vocab_size: int) -> int:
     """top_k as a count of kept tokens: 0 and -1 (off) or anything above the vocabulary keep
     every token."""
     return vocab_size if top_k <= 0 else min(top_k, vocab_size)
-
-
-def _flat_occurrences(
-    token_lists: Sequence[Sequence[int]], row_ids: Sequence[int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) index tensors of every occurrence of a token in each row's list, so the
-    penalties touch only the tokens a row has seen instead of its whole vocabulary."""
-    lengths = torch.tensor([len(tokens) for tokens in token_lists])
-    rows = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
-    return rows.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-
-
-def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Adds each row's logit_bias to its logits, in place."""
-    vocab_size = logits.shape[-1]
-    row_ids: list[int] = []
-    token_ids: list[int] = []
-    biases: list[float] = []
-    for i, row in enumerate(rows):
-        for token_id, bias in row.params.logit_bias.items():
-            if token_id < vocab_size:
-                row_ids.append(i)
-                token_ids.append(token_id)
-                biases.append(bias)
-    if row_ids:
-        index = (
-            torch.tensor(row_ids, device=logits.device),
-            torch.tensor(token_ids, device=logits.device),
-        )
-        logits.index_put_(index, _float32_tensor(biases, logits.device), accumulate=True)
-
-
-def _apply_min_tokens(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int]
-) -> None:
-    """Sets the eos and stop_token_ids logits of rows still below min_tokens to -inf, in place."""
-    vocab_size = logits.shape[-1]
-    row_ids: list[int] = []
-    token_ids: list[int] = []
-    for i, row in enumerate(rows):
-        if len(row.output_token_ids) < row.params.min_tokens:
-            banned = {*eos_token_ids, *row.params.stop_token_ids}
-            kept = [token_id for token_id in banned if token_id < vocab_size]
-            row_ids.extend([i] * len(kept))
-            token_ids.extend(kept)
-    if row_ids:
-        index = (
-            torch.tensor(row_ids, device=logits.device),
-            torch.tensor(token_ids, device=logits.device),
-        )
-        logits[index] = float("-inf")
-
-
-def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Hugging Face semantics, in place: the logit of every token present in the prompt or the
-    output is divided by the penalty when positive and multiplied by it otherwise, once
-    however often the token occurs."""
-    selected = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
-    if not selected:
-        return
-    device = logits.device
-    seen = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in selected]
-    row_index, token_index = _flat_occurrences(seen, selected, device)
-    penalties = torch.ones(len(rows), dtype=torch.float32, device=device)
-    penalties[selected] = _float32_tensor([rows[i].params.repetition_penalty for i in selected],
-                                          device)
-    penalty = penalties[row_index]
-    seen_logits = logits[row_index, token_index]
-    # NOTE: a token seen twice is written twice with the same value: penalized once.
-    logits[row_index, token_index] = torch.where(
-        seen_logits > 0, seen_logits / penalty, seen_logits * penalty
-    )
-
-
-def _apply_presence_frequency_penalties(
-    logits: torch.Tensor, rows: Sequence[SamplingRow]
-) -> None:
-    """OpenAI semantics over output tokens only, in place:
-    logit -= frequency_penalty * count + presence_penalty * (count > 0)."""
-    selected = [
-        i
-        for i, row in enumerate(rows)
-        if (row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0)
-        and row.output_token_ids
-    ]
-    if not selected:
-        return
-    device = logits.device
-    row_index, token_index = _flat_occurrences(
-        [rows[i].output_token_ids for i in selected], selected, device
-    )
-    counts = torch.zeros(len(rows), logits.shape[-1], dtype=torch.float32, device=device)
-    counts.index_put_((row_index, token_index), torch.ones_like(row_index, dtype=torch.float32),
-                      accumulate=True)
-    frequency = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    presence = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    frequency[selected] = _float32_tensor([rows[i].params.frequency_penalty for i in selected],
-                                          device)
-    presence[selected] = _float32_tensor([rows[i].params.presence_penalty for i in selected],
-                                         device)
-    # NOTE: every occurrence of a token writes the same value, so the penalty applies once.
-    logits[row_index, token_index] = (
-        logits[row_index, token_index]
-        - frequency[row_index] * counts[row_index, token_index]
-        - presence[row_index]
-    )
 
 
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -363,7 +218,7 @@ def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
     """Keeps, in place, each row's top_k largest logits (ties at the k-th value kept, as in
     Hugging Face). top_k: counts in [1, vocab]. The k-th values come from one topk, with no sort
     of the whole vocabulary."""
-    kth = torch.tensor([k - 1 for k in top_k], device=logits.device).unsqueeze(1)
+    kth = to_device([k - 1 for k in top_k], torch.long, logits.device).unsqueeze(1)
     top_values = logits.topk(max(top_k), dim=-1).values
     logits.masked_fill_(logits < top_values.gather(-1, kth), float("-inf"))
 
@@ -390,24 +245,37 @@ def _sampled_tokens(
     raw_logprobs: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
 ) -> list[SampledToken]:
     """Packs the chosen tokens with their raw logprobs, and ranks and top logprobs for the rows
-    that asked for logprobs. Moves each result to the host in one transfer."""
+    that asked for logprobs. Everything comes to the host in one transfer, the step's one wait
+    for the device (float64 holds token ids and float32 logprobs exactly)."""
     chosen = raw_logprobs.gather(-1, token_ids.unsqueeze(1)).squeeze(1)
-    ranks: dict[int, int] = {}
-    top_logprobs: dict[int, list[tuple[int, float]]] = {}
+    pieces = [token_ids.double(), chosen.double()]
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    num_top = 0
     if wanted:
-        index = torch.tensor(wanted, device=raw_logprobs.device)
+        index = to_device(wanted, torch.long, raw_logprobs.device)
         wanted_logprobs = raw_logprobs[index]
         # Rank 1 + the number of strictly more likely tokens, so ties share the better rank.
         wanted_ranks = (wanted_logprobs > chosen[index].unsqueeze(1)).sum(dim=-1) + 1
         num_top = min(max(rows[i].params.logprobs for i in wanted), raw_logprobs.shape[-1])
         top_values, top_ids = wanted_logprobs.topk(num_top, dim=-1)
-        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-        for j, (i, rank) in enumerate(zip(wanted, wanted_ranks.tolist())):
-            ranks[i] = rank
+        pieces += [wanted_ranks.double(), top_values.double().flatten(),
+                   top_ids.double().flatten()]
+    packed = torch.cat(pieces).tolist()
+    num_rows, num_wanted = len(rows), len(wanted)
+    token_list, chosen_list = packed[:num_rows], packed[num_rows : 2 * num_rows]
+    ranks: dict[int, int] = {}
+    top_logprobs: dict[int, list[tuple[int, float]]] = {}
+    if wanted:
+        rank_list = packed[2 * num_rows : 2 * num_rows + num_wanted]
+        values_start = 2 * num_rows + num_wanted
+        ids_start = values_start + num_wanted * num_top
+        for j, i in enumerate(wanted):
+            ranks[i] = int(rank_list[j])
             count = rows[i].params.logprobs
-            top_logprobs[i] = list(zip(top_ids_list[j][:count], top_values_list[j][:count]))
+            values = packed[values_start + j * num_top : values_start + j * num_top + count]
+            ids = packed[ids_start + j * num_top : ids_start + j * num_top + count]
+            top_logprobs[i] = [(int(token_id), value) for token_id, value in zip(ids, values)]
     return [
-        SampledToken(token_id, logprob, ranks.get(i, 0), top_logprobs.get(i, []))
-        for i, (token_id, logprob) in enumerate(zip(token_ids.tolist(), chosen.tolist()))
+        SampledToken(int(token_id), logprob, ranks.get(i, 0), top_logprobs.get(i, []))
+        for i, (token_id, logprob) in enumerate(zip(token_list, chosen_list))
     ]

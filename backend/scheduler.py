@@ -18,7 +18,6 @@ its common history once and forks it again. A request that cannot fit even alone
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -26,14 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagoda.backend.beam_search import advance_beams
-from pagoda.backend.errors import (
-    EngineError,
-    InvalidParameter,
-    KVCacheCapacityExceeded,
-    RequestRejected,
-)
+from pagoda.backend.errors import EngineError
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.model_output import BeamCandidates, ModelOutput
+from pagoda.backend.request_sizing import RequestSizer
 from pagoda.backend.sequence import GroupStatus, Sequence, SequenceGroup
 from pagoda.backend.stop_checker import StopChecker
 
@@ -90,6 +85,8 @@ class Scheduler:
         growth_ratio_after_preemption: float = GROWTH_RATIO_AFTER_PREEMPTION,
     ) -> None:
         self.blocks = block_manager
+        self.sizer = RequestSizer(block_manager, max_num_seqs, max_num_batched_tokens,
+                                  max_model_len)
         self.stop_checker = StopChecker(eos_token_ids, max_model_len)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -243,7 +240,7 @@ class Scheduler:
         while not self._allocate(plan):
             victim = self.running[-1]
             if victim is group and len(self.running) == 1:
-                self._fail(group, output, self._too_large_message(group))
+                self._fail(group, output, self.sizer.too_large_error(group))
                 return False
             self._preempt(victim, output)
             if victim is group:
@@ -259,16 +256,9 @@ class Scheduler:
             assert allocated
         return True
 
-    def _blocks_to_come(self, group: SequenceGroup, growth_ratio: float) -> int:
-        """Blocks `group` is expected to add before it finishes: for its tokens not computed yet
-        and for `growth_ratio` of the tokens it may still generate."""
-        held = {block.block_id for seq in group.live_seqs
-                for block in self.blocks.block_tables.get(seq.seq_id, [])}
-        return max(0, self._blocks_for_all_tokens(group, growth_ratio) - len(held))
-
     def _growth_blocks(self, group: SequenceGroup) -> int:
         """The room a running `group` keeps to grow (none until a preemption, see above)."""
-        return self._blocks_to_come(group, self.growth_ratio) if self.growth_ratio else 0
+        return self.sizer.blocks_to_come(group, self.growth_ratio) if self.growth_ratio else 0
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
         num_seqs = sum(len(group.live_seqs) for group in self.running)
@@ -277,7 +267,7 @@ class Scheduler:
         while self.waiting and budget > 0:
             group = self.waiting[0]
             seqs = group.live_seqs
-            problem = self._never_fits(group)
+            problem = self.sizer.never_fits(group)
             if problem is not None:
                 self.waiting.popleft()
                 self._fail(group, output, problem)
@@ -294,7 +284,7 @@ class Scheduler:
             # samples' own tokens would preempt itself on the next step, over and over.
             needed = max(
                 sum(self.blocks.num_new_blocks_needed(i.seq, i.num_new_tokens) for i in plan),
-                self._blocks_to_come(group, 0.0),
+                self.sizer.blocks_to_come(group, 0.0),
             )
             free = self.blocks.num_free_blocks
             headroom = self._watermark_blocks + reserved if self.running else 0
@@ -303,7 +293,7 @@ class Scheduler:
                 if not self.blocks.block_tables and needed > free:
                     # Nothing else holds blocks, so waiting cannot help.
                     self.waiting.popleft()
-                    self._fail(group, output, self._too_large_message(group))
+                    self._fail(group, output, self.sizer.too_large_error(group))
                     continue
                 break
             self._allocate(plan)
@@ -368,77 +358,8 @@ class Scheduler:
         logger.error("request %s failed: %s", group.request_id, error)
 
     def check_fits(self, group: SequenceGroup) -> None:
-        """Raise the RequestRejected of a group that could never run, even alone in an empty
-        cache, counting all the tokens its max_tokens lets it generate. Without max_tokens only
-        its tokens now count: it may stop at any length, so only what it holds must fit."""
-        growth_ratio = 0.0 if group.params.max_tokens is None else 1.0
-        error = self._never_fits(group, growth_ratio)
-        if error is not None:
-            raise error
-
-    def _never_fits(
-        self, group: SequenceGroup, growth_ratio: float = 0.0
-    ) -> RequestRejected | None:
-        """Why a group can never be scheduled, even alone, once it holds its tokens now and
-        `growth_ratio` of those it may still generate; None when it can."""
-        num_seqs = len(group.live_seqs)
-        if num_seqs > min(self.max_num_seqs, self.max_num_batched_tokens):
-            return InvalidParameter(
-                "n" if group.params.best_of is None else "best_of",
-                f"request runs {num_seqs} sequences but a step takes at most {self.max_num_seqs} "
-                f"sequences and {self.max_num_batched_tokens} tokens",
-            )
-        if self._blocks_for_all_tokens(group, growth_ratio) > self.blocks.pool.num_blocks:
-            return self._too_large_message(group, growth_ratio)
-        return None
-
-    def _blocks_for_all_tokens(self, group: SequenceGroup, growth_ratio: float = 0.0) -> int:
-        """Blocks `group` needs to hold all its tokens, and `growth_ratio` of the tokens it may
-        still generate (so 0 for its tokens now)."""
-        seqs = group.live_seqs
-        if len(seqs) == 1:
-            num_common = 0
-        elif group.shares_prompt_prefill:
-            num_common = len(group.prompt_token_ids) // self.blocks.block_size
-        else:
-            num_common = group.common_history_len() // self.blocks.block_size
-        # The full blocks of the common history are stored once; the rest is each sample's own.
-        max_tokens = group.params.max_tokens or self.max_model_len
-        total = num_common
-        for seq in seqs:
-            length = len(seq.token_ids)
-            remaining = min(max_tokens - seq.num_output_tokens, self.max_model_len - length)
-            expected = length + int(max(0, remaining) * growth_ratio)
-            total += self.blocks.num_blocks_for(expected) - num_common
-        return total
-
-    def _too_large_message(
-        self, group: SequenceGroup, growth_ratio: float = 0.0
-    ) -> KVCacheCapacityExceeded:
-        """The error of a group larger than the whole cache (its message says by how much)."""
-        return KVCacheCapacityExceeded(
-            self._blocks_for_all_tokens(group, growth_ratio), self.blocks.pool.num_blocks,
-            self.blocks.block_size, self._largest_fitting_request(group),
-        )
-
-    def _largest_fitting_request(self, group: SequenceGroup) -> int | None:
-        """The largest prompt + max_tokens x n that fits the whole cache for `group`'s prompt and
-        number of samples, or None when not even max_tokens=1 does. Found by bisecting max_tokens
-        through _blocks_for_all_tokens, so it counts blocks exactly as admission does."""
-        # NOTE: a copy of the group whose max_tokens alone changes (set unvalidated: min_tokens
-        # may exceed it, which no block count reads).
-        params = dataclasses.replace(group.params)
-        probe = dataclasses.replace(group, params=params)
-        fitting, too_large = 0, self.max_model_len - len(group.prompt_token_ids) + 1
-        while too_large - fitting > 1:
-            params.max_tokens = (fitting + too_large) // 2
-            if self._blocks_for_all_tokens(probe, 1.0) <= self.blocks.pool.num_blocks:
-                fitting = params.max_tokens
-            else:
-                too_large = params.max_tokens
-        if fitting == 0:
-            return None
-        return len(group.prompt_token_ids) + fitting * len(group.live_seqs)
+        """Raise the RequestRejected of a group that could never run (RequestSizer.check_fits)."""
+        self.sizer.check_fits(group)
 
     def finish(self, group: SequenceGroup) -> None:
         """Remove a finished or aborted group from the queues and free its blocks."""

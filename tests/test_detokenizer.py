@@ -237,13 +237,13 @@ def test_each_step_decodes_a_bounded_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     decoded_lengths = []
-    decode = llama_tokenizer.decode
+    decode = IncrementalDetokenizer._decode
 
-    def spy(token_ids: list[int], **kwargs: bool) -> str:
+    def spy(self: IncrementalDetokenizer, token_ids: list[int]) -> str:
         decoded_lengths.append(len(token_ids))
-        return decode(token_ids, **kwargs)
+        return decode(self, token_ids)
 
-    monkeypatch.setattr(llama_tokenizer, "decode", spy)
+    monkeypatch.setattr(IncrementalDetokenizer, "_decode", spy)
     # A run of continuation bytes with no lead byte is invalid UTF-8 whatever follows: it must
     # stream as U+FFFD rather than be held back in an ever longer window. (It follows a word: the
     # ByteFallback decoder turns a whole run of byte tokens into U+FFFD, valid ones included.)

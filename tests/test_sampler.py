@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from pagoda.backend.sampler import Sampler, SamplingRow, _counter_exponential, _stream_key
+from pagoda.backend.sampler import Sampler, SamplingRow
+from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
 
 EOS = 0
@@ -251,8 +252,8 @@ def test_temperature_sampling_matches_softmax(seeded: bool) -> None:
 
 def test_seeded_noise_follows_the_exponential_distribution() -> None:
     """Kolmogorov-Smirnov test of the counter-based Exp(1) draws of seeded rows."""
-    keys = torch.tensor([_stream_key(seed, step=3) for seed in range(10)])
-    draws = _counter_exponential(keys, 4096).double().flatten().sort().values
+    keys = torch.tensor([stream_key(seed, step=3) for seed in range(10)])
+    draws = counter_exponential(keys, 4096).double().flatten().sort().values
     n = draws.numel()
     cdf = 1 - torch.exp(-draws)
     above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf

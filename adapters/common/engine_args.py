@@ -55,6 +55,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output in tokens (default: the model's maximum, "
                             "lowered to what the KV cache holds)")
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="on CUDA, run decode steps eagerly instead of through CUDA graphs")
+    group.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                       help="batch sizes to capture CUDA graphs for (default: 1, 2, 4, 8, then "
+                            "every 8 to 64, then every 16 to max-num-seqs)")
+    group.add_argument("--static-decode-buffers", action="store_true",
+                       help="run decode steps through the CUDA graphs' padded buffers even "
+                            "without graphs (for testing that path on CPU)")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True,
                        help="reuse the KV blocks of prompt prefixes seen before")

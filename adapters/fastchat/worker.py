@@ -103,11 +103,10 @@ class FastChatWorker:
                 builder = ChunkBuilder(request, params, self.tokenizer)
                 request_id = f"fastchat-{uuid.uuid4().hex}"
                 # aclosing: when this stream is closed early, the engine request is aborted now
-                # rather than whenever the inner generator is garbage-collected.
-                # FastChat's chunks are cumulative, so a stream that fell behind sends only the
-                # newest text rather than a backlog of ever longer stale ones.
-                outputs = self.client.generate(request_id, request.prompt, params,
-                                               newest_only=True)
+                # rather than whenever the inner generator is garbage-collected. FastChat's
+                # chunks are cumulative, as the outputs are (the default output kind): a stream
+                # that fell behind gets the newest, not a backlog of ever longer stale ones.
+                outputs = self.client.generate(request_id, request.prompt, params)
                 self._num_unstarted += 1
                 started = False
                 try:

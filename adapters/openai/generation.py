@@ -20,9 +20,9 @@ from pagoda.backend.sampling_params import SamplingParams
 class PromptStreams:
     """Outputs of the engine requests for `prompts`, merged as they arrive.
 
-    Outputs are cumulative (all text, tokens and logprobs so far), so only the newest unread
-    one of each prompt is kept: a client that reads slowly gets bigger deltas, and costs no
-    memory for the outputs it has not read.
+    Each prompt's unread outputs are merged into one (RequestOutput.add, as the engine client
+    merges what its reader missed): a client that reads slowly gets bigger deltas, never a
+    backlog of small ones.
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class PromptStreams:
             task.cancel()
 
     async def _read(self) -> dict[int, RequestOutput]:
-        """The newest unread output of each prompt that has one; waits for at least one."""
+        """The unread output of each prompt that has one; waits for at least one."""
         while not self._unread:
             self._arrived.clear()
             await self._arrived.wait()
@@ -92,7 +92,9 @@ class PromptStreams:
         request_id = self.engine_request_id(index)
         try:
             async for output in self._client.generate(request_id, prompt, self._params):
-                self._unread[index] = output  # replaces an unread older one: see the docstring
+                unread = self._unread.get(index)
+                merged = unread.add(output) if isinstance(unread, RequestOutput) else output
+                self._unread[index] = merged
                 self._arrived.set()
         except Exception as error:  # an EngineError, or a bug: the reader raises it either way
             self._unread[index] = error

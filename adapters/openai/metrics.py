@@ -104,7 +104,9 @@ class RequestTracker:
     def observe(self, prompt_index: int, output: RequestOutput) -> None:
         self._num_prompt_tokens[prompt_index] = len(output.prompt_token_ids)
         for completion in output.outputs:
-            self._num_output_tokens[prompt_index, completion.index] = len(completion.token_ids)
+            key = prompt_index, completion.index
+            already = self._num_output_tokens.get(key, 0) if output.delta else 0
+            self._num_output_tokens[key] = already + len(completion.token_ids)
         if self._first_token is None and any(c.token_ids for c in output.outputs):
             self._first_token = time.monotonic()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pagoda.adapters.openai.errors import engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
 from pagoda.backend.errors import InvalidParameter
-from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 
 # Request fields that SamplingParams takes under the same name.
 _PASSED_THROUGH = (
@@ -32,6 +32,10 @@ def build_sampling_params(
     values["logit_bias"] = _logit_bias(request.logit_bias)
     values["max_tokens"] = max_tokens
     values["logprobs"] = logprobs
+    # A stream sends what each step adds; a whole answer needs only the final output.
+    values["output_kind"] = (
+        RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
+    )
     # null means the default: leave those out (max_tokens None is meaningful: no limit).
     kwargs = {k: v for k, v in values.items() if v is not None or k == "max_tokens"}
     try:

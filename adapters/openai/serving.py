@@ -173,8 +173,10 @@ async def _tracked(job: Job, streams: PromptStreams, tracker: RequestTracker) ->
 
 
 async def _remember(outputs: Outputs, finals: dict[int, RequestOutput]) -> Outputs:
+    """Pass the outputs on, keeping each prompt's whole output so far in `finals` (deltas
+    added up) for the usage at the end of a stream."""
     async for index, output in outputs:
-        finals[index] = output
+        finals[index] = finals[index].add(output) if index in finals else output
         yield index, output
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from pagoda.adapters.openai.errors import invalid_param
@@ -23,15 +22,6 @@ from pagoda.adapters.openai.protocol import (
 from pagoda.adapters.openai.sampling import build_sampling_params, check_streamable
 from pagoda.adapters.openai.serving import GenerationEndpoint, Job, Outputs, include_usage, usage_of
 from pagoda.backend.outputs import CompletionOutput, RequestOutput
-
-
-@dataclass(slots=True)
-class _ChoiceProgress:
-    """How much of one choice a stream has sent."""
-
-    num_chars: int = 0
-    num_tokens: int = 0
-    finished: bool = False
 
 
 class ChatEndpoint(GenerationEndpoint):
@@ -75,16 +65,14 @@ class ChatEndpoint(GenerationEndpoint):
             )
         return (top or 0) if request.logprobs else None
 
-    def _logprobs_of(
-        self, job: Job, completion: CompletionOutput, first_token: int
-    ) -> ChatLogprobs | None:
+    def _logprobs_of(self, job: Job, completion: CompletionOutput) -> ChatLogprobs | None:
         if completion.logprobs is None:
             return None
         request = job.request
         assert isinstance(request, ChatCompletionRequest)
         return chat_logprobs(
-            completion.logprobs[first_token:], completion.token_ids[first_token:],
-            request.top_logprobs or 0, self.state.token_strings,
+            completion.logprobs, completion.token_ids, request.top_logprobs or 0,
+            self.state.token_strings,
         )
 
     def response(self, job: Job, outputs: dict[int, RequestOutput]) -> ChatCompletionResponse:
@@ -92,7 +80,7 @@ class ChatEndpoint(GenerationEndpoint):
             ChatChoice(
                 index=completion.index,
                 message=AssistantMessage(content=completion.text),
-                logprobs=self._logprobs_of(job, completion, 0),
+                logprobs=self._logprobs_of(job, completion),
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
             )
@@ -113,21 +101,14 @@ class ChatEndpoint(GenerationEndpoint):
         for index in range(job.params.n):
             delta = DeltaMessage(role="assistant", content="")
             yield self._chunk(job, ChatChunkChoice(index=index, delta=delta))
-        progress = [_ChoiceProgress() for _ in range(job.params.n)]
+        # The outputs are deltas (RequestOutputKind.DELTA): each chunk carries one as it is.
         async for _, output in outputs:
             for completion in output.outputs:
-                sent = progress[completion.index]
-                if sent.finished:
-                    continue
-                text = completion.text[sent.num_chars:]
-                logprobs = self._logprobs_of(job, completion, sent.num_tokens)
-                sent.finished = completion.finished
-                if not (text or sent.finished or (logprobs and logprobs.content)):
+                logprobs = self._logprobs_of(job, completion)
+                if not (completion.text or completion.finished or (logprobs and logprobs.content)):
                     continue  # a token whose text is held back (a partial character or stop)
-                sent.num_chars = len(completion.text)
-                sent.num_tokens = len(completion.token_ids)
                 yield self._chunk(job, ChatChunkChoice(
-                    index=completion.index, delta=DeltaMessage(content=text or None),
+                    index=completion.index, delta=DeltaMessage(content=completion.text or None),
                     logprobs=logprobs, finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                 ))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from pagoda.adapters.openai.errors import invalid_param
@@ -24,17 +23,6 @@ from pagoda.backend.outputs import CompletionOutput, RequestOutput
 
 # OpenAI's default for completions (chat's default is "until the context is full").
 DEFAULT_MAX_TOKENS = 16
-
-
-@dataclass(slots=True)
-class _ChoiceProgress:
-    """How much of one choice a stream has sent, and where its next token's text starts."""
-
-    num_chars: int = 0
-    num_tokens: int = 0
-    text_offset: int = 0
-    started: bool = False
-    finished: bool = False
 
 
 class CompletionsEndpoint(GenerationEndpoint):
@@ -80,13 +68,12 @@ class CompletionsEndpoint(GenerationEndpoint):
         return self.state.client.decode(output.prompt_token_ids)
 
     def _logprobs_of(
-        self, completion: CompletionOutput, first_token: int, text_offset: int
+        self, completion: CompletionOutput, text_offset: int
     ) -> CompletionLogprobs | None:
         if completion.logprobs is None:
             return None
         return completion_logprobs(
-            completion.logprobs[first_token:], completion.token_ids[first_token:], text_offset,
-            self.state.token_strings,
+            completion.logprobs, completion.token_ids, text_offset, self.state.token_strings
         )
 
     def response(self, job: Job, outputs: dict[int, RequestOutput]) -> CompletionResponse:
@@ -98,7 +85,7 @@ class CompletionsEndpoint(GenerationEndpoint):
                 choices.append(CompletionChoice(
                     index=self._choice_index(job, prompt_index, completion),
                     text=echo + completion.text,
-                    logprobs=self._logprobs_of(completion, 0, len(echo)),
+                    logprobs=self._logprobs_of(completion, len(echo)),
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                 ))
@@ -109,25 +96,21 @@ class CompletionsEndpoint(GenerationEndpoint):
         )
 
     async def chunks(self, job: Job, outputs: Outputs) -> AsyncIterator[CompletionResponse]:
-        progress: dict[int, _ChoiceProgress] = {}
+        # The outputs are deltas (RequestOutputKind.DELTA); the echoed prompt goes first.
+        text_offsets: dict[int, int] = {}  # each choice's next token's text offset
         async for prompt_index, output in outputs:
             for completion in output.outputs:
                 index = self._choice_index(job, prompt_index, completion)
-                sent = progress.setdefault(index, _ChoiceProgress())
-                if sent.finished:
-                    continue
-                echo = "" if sent.started else self._echo(job, output)
-                sent.text_offset += len(echo)
-                text = echo + completion.text[sent.num_chars:]
-                logprobs = self._logprobs_of(completion, sent.num_tokens, sent.text_offset)
-                sent.finished = completion.finished
-                if not (text or sent.finished or (logprobs and logprobs.tokens)):
+                started = index in text_offsets
+                echo = "" if started else self._echo(job, output)
+                offset = text_offsets.get(index, 0) + len(echo)
+                text = echo + completion.text
+                logprobs = self._logprobs_of(completion, offset)
+                if not (text or completion.finished or (logprobs and logprobs.tokens)):
                     continue  # a token whose text is held back (a partial character or stop)
-                sent.started = True
-                sent.num_chars = len(completion.text)
-                sent.num_tokens = len(completion.token_ids)
                 if logprobs is not None:
-                    sent.text_offset += sum(len(token) for token in logprobs.tokens)
+                    offset += sum(len(token) for token in logprobs.tokens)
+                text_offsets[index] = offset
                 yield CompletionResponse(
                     id=job.request_id, created=job.created, model=job.model,
                     choices=[CompletionChoice(

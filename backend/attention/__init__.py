@@ -8,7 +8,12 @@ import os
 
 import torch
 
-from pagoda.backend.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
+from pagoda.backend.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    BatchLayout,
+    DecodeBatch,
+)
 from pagoda.backend.attention.torch_backend import TorchAttentionBackend
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "BatchLayout",
+    "DecodeBatch",
     "TorchAttentionBackend",
     "get_attention_backend",
 ]

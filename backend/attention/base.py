@@ -39,6 +39,18 @@ class BatchLayout:
         return [ctx + q for ctx, q in zip(self.context_lens, self.query_lens)]
 
 
+@dataclass(slots=True)
+class DecodeBatch:
+    """A decode-only batch as device tensors (the static buffers a CUDA graph replays): row i
+    feeds one token, at position seq_lens[i] - 1."""
+
+    block_tables: torch.Tensor  # [batch, max_blocks] int32; columns past a row's blocks unused
+    seq_lens: torch.Tensor  # [batch] int32
+    slot_mapping: torch.Tensor  # [batch] int64; -1 for padding rows
+    block_size: int
+    max_seq_len: int  # bounds every row's seq_len: what partitions the work, not this step's
+
+
 class AttentionMetadata:
     """Whatever a backend precomputes from a BatchLayout once per step, shared by all layers."""
 
@@ -46,11 +58,36 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    # Whether prepare_decode builds its metadata from the tensors alone, so that a CUDA graph
+    # can capture a decode step and replay it over new buffer contents.
+    supports_cuda_graphs: bool = False
+
     @abstractmethod
     def prepare(
         self, layout: BatchLayout, device: torch.device, sliding_window: int | None
     ) -> AttentionMetadata:
         """Precompute the step's per-batch state (index tensors, masks) for all layers."""
+
+    def prepare_decode(
+        self, batch: DecodeBatch, sliding_window: int | None
+    ) -> AttentionMetadata:
+        """Metadata of a decode-only batch given as device tensors. A backend whose decode a CUDA
+        graph can capture overrides this to build it without reading the tensors back (the
+        graph replays it with new contents). This default reads them back and calls prepare:
+        right, but a host sync, so for eager runs only."""
+        seq_lens = batch.seq_lens.tolist()
+        tables = [
+            row[: -(-seq_len // batch.block_size)]
+            for row, seq_len in zip(batch.block_tables.tolist(), seq_lens)
+        ]
+        layout = BatchLayout(
+            query_start_loc=list(range(len(seq_lens) + 1)),
+            context_lens=[seq_len - 1 for seq_len in seq_lens],
+            block_tables=tables,
+            slot_mapping=batch.slot_mapping,
+            block_size=batch.block_size,
+        )
+        return self.prepare(layout, batch.slot_mapping.device, sliding_window)
 
     @abstractmethod
     def forward(

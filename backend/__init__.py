@@ -1,11 +1,29 @@
 """Pagoda's engine: paged KV cache, continuous batching, native models, offline API."""
 
-from pagoda.backend.config import EngineConfig
-from pagoda.backend.engine import LLMEngine
-from pagoda.backend.llm import LLM
-from pagoda.backend.outputs import CompletionOutput, Logprob, RequestOutput
-from pagoda.backend.pooling import PoolingParams
-from pagoda.backend.sampling_params import SamplingParams
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pagoda.backend.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from pagoda.backend.config import EngineConfig
+    from pagoda.backend.engine import LLMEngine
+    from pagoda.backend.llm import LLM
+    from pagoda.backend.outputs import CompletionOutput, Logprob, RequestOutput
+    from pagoda.backend.pooling_params import PoolingParams
+    from pagoda.backend.sampling_params import SamplingParams
+
+__getattr__ = lazy_attributes(__name__, {
+    "LLM": "pagoda.backend.llm",
+    "CompletionOutput": "pagoda.backend.outputs",
+    "EngineConfig": "pagoda.backend.config",
+    "LLMEngine": "pagoda.backend.engine",
+    "Logprob": "pagoda.backend.outputs",
+    "PoolingParams": "pagoda.backend.pooling_params",
+    "RequestOutput": "pagoda.backend.outputs",
+    "SamplingParams": "pagoda.backend.sampling_params",
+})
 
 __all__ = [
     "LLM",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed, RequestRejected
 from pagoda.backend.outputs import RequestOutput
-from pagoda.backend.pooling import PoolingParams
+from pagoda.backend.pooling_params import PoolingParams
 from pagoda.backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -8,22 +8,33 @@ the engine once the model is loaded, through `resolve_dtype` and `resolve_max_mo
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# NOTE: torch is imported inside the methods that need it: the CLI builds its flags (and
+# `pagoda --help`) from this module, and importing torch takes seconds.
+if TYPE_CHECKING:
+    import torch
 
-from pagoda.backend.pooling import POOLING_TYPES
+from pagoda.backend.pooling_params import POOLING_TYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
+# dtype names accepted -> torch's attribute names
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
 }
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
+# Sizes as people write them: a number (1.5e9 too) and a unit. K, M, G and T are powers of 1024,
+# as in `free -g` or docker's --memory; KB, MB... are powers of 1000; KiB, MiB... of 1024.
+_SIZE = re.compile(r"(\d+(?:\.\d*)?(?:e\+?\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_UNIT_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 @dataclass(slots=True)
@@ -44,6 +55,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     allow_pickle_weights: bool = False
     trust_remote_code: bool = False
+    # torch's intra-op threads on CPU; None: $OMP_NUM_THREADS, else the cores this process may
+    # use (backend/host.py).
+    cpu_threads: int | None = None
     # CUDA graphs for decode steps (on CUDA with a backend that supports them) unless
     # enforce_eager; cuda_graph_sizes are the batch-size buckets (default: cuda_graph_sizes()).
     enforce_eager: bool = False
@@ -55,13 +69,15 @@ class EngineConfig:
     pooling: str = "last"
 
     def __post_init__(self) -> None:
+        if self.model is not None:
+            _check_model_location(self.model)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _require_positive(name, getattr(self, name))
-        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len", "cpu_threads"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
         for size in self.cuda_graph_sizes or []:
@@ -79,6 +95,8 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -86,8 +104,10 @@ class EngineConfig:
     def resolve_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         """The compute dtype: the one asked for, else the checkpoint's (float32 on CPU, where
         half-precision matmuls are slow, and bfloat16 for float32 checkpoints on CUDA)."""
+        import torch
+
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
+            return getattr(torch, DTYPES[self.dtype])
         if self.torch_device.type == "cpu":
             return torch.float32
         if checkpoint_dtype in (torch.float16, torch.bfloat16):
@@ -114,6 +134,33 @@ class EngineConfig:
             )
             max_model_len = kv_capacity_tokens
         return max_model_len
+
+
+def _check_model_location(model: str) -> None:
+    """Fail at once, before seconds of imports and loading, on a model that names a local folder
+    which is missing or holds no checkpoint. Anything else may be a hub id."""
+    path = Path(model).expanduser()
+    what = ("a Hugging Face checkpoint folder (config.json, tokenizer and *.safetensors) or a hub "
+            "id such as Qwen/Qwen2.5-0.5B-Instruct")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {model!r} has no config.json: pass {what}")
+    elif path.exists() or model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ValueError(f"model {model!r} is not a folder: pass {what}")
+
+
+def parse_bytes(text: str) -> int:
+    """A memory size as people write it: 512MiB, 4GiB, 2G, 1.5e9, 1000000 (bytes, rounded down).
+    Raises ValueError for anything else."""
+    match = _SIZE.fullmatch(text.strip())
+    number, prefix, suffix = match.groups() if match else ("", "", "")
+    prefix, suffix = prefix.lower(), suffix.lower()
+    if not number or suffix == "i" or (suffix == "ib" and not prefix):
+        raise ValueError(
+            f"expected a size such as 512MiB, 4GiB, 2G, 1.5e9 or 1000000, got {text!r}"
+        )
+    base = 1000 if suffix == "b" else 1024
+    return int(float(number) * base ** _UNIT_POWERS[prefix])
 
 
 def _require_positive(name: str, value: object) -> None:

@@ -25,6 +25,7 @@ from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
+from pagoda.backend.host import apply_cpu_threads
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
 from pagoda.backend.model_input import build_model_input
@@ -33,6 +34,7 @@ from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.models import build_model
 from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
 from pagoda.backend.models.loader import (
+    check_unquantized,
     checkpoint_dtype,
     iterate_weights,
     resolve_model_path,
@@ -42,7 +44,8 @@ from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
 from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampler import Sampler
-from pagoda.backend.pooling import PoolingParams, PoolingState, PoolingType
+from pagoda.backend.pooling import PoolingState
+from pagoda.backend.pooling_params import PoolingParams, PoolingType
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
@@ -56,8 +59,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.torch_device
+        apply_cpu_threads(config.cpu_threads)
         model_path = self._model_path()
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        check_unquantized(hf_config)
         self.hf_config = hf_config
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             config.tokenizer or model_path, trust_remote_code=config.trust_remote_code
@@ -70,7 +75,9 @@ class LLMEngine:
         block_bytes = bytes_per_block(
             num_layers, config.block_size, num_kv_heads, head_dim, self.dtype
         )
-        num_blocks = choose_num_blocks(config, block_bytes, self.device)
+        num_blocks = choose_num_blocks(
+            config, block_bytes, self.device, hf_config.max_position_embeddings
+        )
         self.max_model_len = config.resolve_max_model_len(
             hf_config.max_position_embeddings, num_blocks * config.block_size
         )

@@ -25,7 +25,7 @@ from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed
 from pagoda.backend.outputs import RequestOutput
-from pagoda.backend.pooling import PoolingParams
+from pagoda.backend.pooling_params import PoolingParams
 from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampling_params import SamplingParams
 

@@ -14,7 +14,7 @@ from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import InvalidParameter, RequestRejected
 from pagoda.backend.outputs import RequestOutput
-from pagoda.backend.pooling import PoolingParams
+from pagoda.backend.pooling_params import PoolingParams
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, Any]

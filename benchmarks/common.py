@@ -3,6 +3,7 @@ loop that watches the KV cache, and the machine's description recorded with ever
 
 from __future__ import annotations
 
+import argparse
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,16 @@ def output_path(explicit: str | None, name: str, quick: bool) -> Path:
     path = Path(explicit) if explicit else (QUICK_RESULTS_DIR if quick else RESULTS_DIR) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def add_run_args(parser: argparse.ArgumentParser, quick: str) -> None:
+    """--seed, --quick, --notes and --output, as every benchmark takes them; `quick` says what
+    this one's smoke run does."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: {quick}, written under results/tmp/")
+    parser.add_argument("--notes", default="", help="free text stored in the result")
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
 
 
 def machine_description() -> dict[str, object]:

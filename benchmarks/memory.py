@@ -31,7 +31,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from common import machine_description, output_path, random_prompt, run_watching_kv, sharegpt_like
+from common import (
+    add_run_args,
+    machine_description,
+    output_path,
+    random_prompt,
+    run_watching_kv,
+    sharegpt_like,
+)
 from plots import plot_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
@@ -157,11 +164,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="KV pool size (default: the engine's, 2 GiB on CPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: a few short requests, written under results/tmp/")
-    parser.add_argument("--notes", default="", help="free text stored in the result")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
+    add_run_args(parser, quick="a few short requests")
     args = parser.parse_args(argv)
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import httpx
 import numpy as np
-from common import machine_description, output_path, sharegpt_like
+from common import add_run_args, machine_description, output_path, sharegpt_like
 from loadgen import SendOne, openai_chat_client, openai_completion_client, poisson, summarize
 from processes import start_pagoda_serve
 from prometheus_client.parser import text_string_to_metric_families
@@ -203,11 +203,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--system-prompt-tokens", type=int, default=1000,
                         help="shared-prefix: tokens of the common system prompt")
     parser.add_argument("--ttft-threshold-s", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: one short low rate, written under results/tmp/")
-    parser.add_argument("--notes", default="", help="free text stored in the result")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
+    add_run_args(parser, quick="one short low rate")
     parser.add_argument("serve_flags", nargs="*",
                         help="after --: extra flags for pagoda serve (engine flags)")
     args = parser.parse_args()

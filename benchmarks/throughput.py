@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from common import (
     Request,
+    add_run_args,
     fixed_length,
     machine_description,
     output_path,
@@ -201,11 +202,7 @@ def parse_args() -> argparse.Namespace:
                              "the mix, static for the fixed sweep)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: a few short requests, written under results/tmp/")
-    parser.add_argument("--notes", default="", help="free text stored in the result")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/)")
+    add_run_args(parser, quick="a few short requests")
     args = parser.parse_args()
     if args.num_requests is None:
         args.num_requests = 200 if args.workload == "sharegpt" else 32

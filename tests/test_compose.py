@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pagoda.adapters.cli import build_parser
-from pagoda.adapters.common.engine_args import MODEL_ENV
+from pagoda.adapters.common.engine_args import CPU_THREADS_ENV, MODEL_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -133,9 +133,13 @@ def test_pagoda_commands_parse_with_the_cli(services, monkeypatch):
     for name in ("pagoda", "pagoda-worker"):
         environment = services[name]["environment"]
         assert not environment[MODEL_ENV]  # empty unless set: the demo model
+        assert not environment[CPU_THREADS_ENV]  # empty unless set: the usable cores
         assert "/root/.cache/huggingface" in " ".join(services[name]["volumes"])
     monkeypatch.setenv(MODEL_ENV, "org/model")
-    assert build_parser().parse_args(argv(services["pagoda"])[1:]).model == "org/model"
+    monkeypatch.setenv(CPU_THREADS_ENV, "1")
+    for name in ("pagoda", "pagoda-worker"):
+        args = build_parser().parse_args(argv(services[name])[1:])
+        assert (args.model, args.cpu_threads) == ("org/model", 1)
 
 
 def test_fastchat_commands_use_flags_fastchat_has(services):

@@ -88,6 +88,23 @@ def test_a_request_larger_than_the_whole_cache_is_refused_before_anything_is_que
     engine.check_no_leaks()
 
 
+def test_llm_generate_raises_for_a_request_larger_than_the_whole_cache(llm, monkeypatch):
+    """LLM.generate refuses the batch at admission: no engine step runs, the prompts added before
+    the refused one are withdrawn, and no block is held."""
+    steps = []
+    real_step = llm.engine.step
+    monkeypatch.setattr(llm.engine, "step", lambda: steps.append(1) or real_step())
+    fits = SamplingParams(max_tokens=8)
+    # 256 blocks of 16 tokens: 8 samples of up to 1,000 tokens each need 504.
+    too_big = SamplingParams(n=8, max_tokens=1000)
+    with pytest.raises(KVCacheCapacityExceeded) as caught:
+        llm.generate([[1, 5, 6], [1, 7, 8]], [fits, too_big], use_tqdm=False)
+    assert (caught.value.num_blocks_needed, caught.value.num_blocks_total) == (504, 256)
+    assert steps == []
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.pool.num_used_blocks == 0
+
+
 def test_request_outgrowing_the_cache_fails_alone(demo_model_dir):
     # 4 blocks of 16 tokens: two samples of a 20-token prompt fit (3 blocks), but without
     # max_tokens they grow until they cannot, even alone.

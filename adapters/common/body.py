@@ -7,10 +7,6 @@ from typing import Any
 
 from starlette.requests import Request
 
-# Both servers' default limit (FastChat's own requests are a few KiB; OpenAI's may carry long
-# conversations).
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024**2
-
 
 class RequestBodyError(Exception):
     """A body that is not one JSON value, or (`too_large`) one over the byte limit."""

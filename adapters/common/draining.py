@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # Work an adapter runs next to its server (FastChat's controller registration), given the server
 # to see when it listens; cancelled when the server stops.
 Alongside = Callable[[uvicorn.Server], Awaitable[None]]

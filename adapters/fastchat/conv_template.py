@@ -7,7 +7,9 @@ without it only the built-in Vicuna v1.1 template (the demo model's chat format)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 from typing import Any
 
@@ -58,8 +60,13 @@ def resolve_conv_template(
     if model is None:
         return _as_dict(get_conv_template(VICUNA_TEMPLATE_NAME))
     for candidate in (model, *model_names):
-        conv = get_conversation_template(candidate)
+        # NOTE: FastChat's adapters match names by substring and some print() a warning when
+        # they do ("emptymodel" contains "mpt": "Loading base MPT model..."); the choice is
+        # logged here instead, in words about this worker.
+        with contextlib.redirect_stdout(io.StringIO()):
+            conv = get_conversation_template(candidate)
         if conv.name != FASTCHAT_FALLBACK_TEMPLATE_NAME:
+            logger.info("FastChat conversation template for %s: %r", candidate, conv.name)
             return _as_dict(conv)
     logger.warning(
         "FastChat knows no conversation template for %s (names %s); using %r. Pass "

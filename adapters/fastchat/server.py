@@ -1,4 +1,4 @@
-"""`pagoda worker`: one engine served as a FastChat model worker, and its flags; and
+"""`pagoda worker`: one engine served as a FastChat model worker (its flags: flags.py); and
 `pagoda serve --fastchat-controller`: the same worker on the OpenAI server's app and engine.
 """
 
@@ -16,8 +16,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pagoda.adapters.common.body import DEFAULT_MAX_REQUEST_BYTES
-from pagoda.adapters.common.draining import DEFAULT_SHUTDOWN_TIMEOUT, serve_draining
+from pagoda.adapters.common.draining import serve_draining
+from pagoda.adapters.common.startup import start_engine
 from pagoda.adapters.fastchat.conv_template import resolve_conv_template
 from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError
 from pagoda.adapters.fastchat.registration import (
@@ -25,64 +25,18 @@ from pagoda.adapters.fastchat.registration import (
     check_http_url,
     heart_beat_interval_from_env,
 )
-from pagoda.adapters.fastchat.worker import DEFAULT_LIMIT_WORKER_CONCURRENCY, FastChatWorker
+from pagoda.adapters.fastchat.worker import FastChatWorker
 from pagoda.adapters.fastchat.worker_app import worker_routes
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import DEMO_MODEL_NAME
 from pagoda.backend.engine_client import EngineClient
 
-DEFAULT_CONTROLLER_ADDRESS = "http://localhost:21001"  # FastChat's default
-DEFAULT_WORKER_PORT = 21002  # FastChat's default
 STARTED_POLL_SECONDS = 0.05
 # Idle keep-alive connections are closed after this long. It must outlast the clients' own idle
 # expiry (httpx: 5 s, aiohttp: 15 s): at uvicorn's default of 5 s the server and an httpx client
 # give up on an idle connection at the same moment, and a request sent on it just then fails
 # with a connection reset (httpx.ReadError) instead of being answered.
 KEEP_ALIVE_SECONDS = 75
-
-
-def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("FastChat worker")
-    group.add_argument("--host", default="127.0.0.1")
-    group.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
-    group.add_argument("--controller-address", default=DEFAULT_CONTROLLER_ADDRESS)
-    group.add_argument("--worker-address", default=None,
-                       help="URL the controller and FastChat's servers reach this worker at; "
-                            "{hostname} stands for this machine's host name, so replicas of one "
-                            "container each register their own (default: http://HOST:PORT)")
-    group.add_argument("--model-names", type=_comma_list, default=None,
-                       help="comma-separated names to serve the model under (default: the model "
-                            f"folder's name, or {DEMO_MODEL_NAME}); FastChat's UIs pick prompt "
-                            "formats by name, e.g. vicuna-* for the demo model")
-    group.add_argument("--conv-template", default=None,
-                       help="FastChat conversation template name (default: FastChat's choice "
-                            "for the model path or names)")
-    group.add_argument("--limit-worker-concurrency", type=int,
-                       default=DEFAULT_LIMIT_WORKER_CONCURRENCY,
-                       help="requests served at once; more wait for a slot")
-    group.add_argument("--max-waiting-requests", type=int, default=None,
-                       help="answer error 42903 (overloaded) while this many requests wait")
-    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                       help="largest accepted request body (error 40001 above it)")
-    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
-                       help="after SIGTERM: refuse new requests (503) and give those in flight "
-                            "this many seconds to finish, then exit")
-    group.add_argument("--no-register", action="store_true",
-                       help="do not register with the controller")
-
-
-def add_serve_worker_args(parser: argparse.ArgumentParser) -> None:
-    """`pagoda serve`'s flags that add the FastChat worker to it."""
-    group = parser.add_argument_group("FastChat worker (optional)")
-    group.add_argument("--fastchat-controller", default=None, metavar="URL",
-                       help="also serve FastChat's worker protocol, registered with this "
-                            "controller, under the --served-model-name names")
-    group.add_argument("--fastchat-worker-address", default=None, metavar="URL",
-                       help="URL the controller reaches this server at; {hostname} stands for "
-                            "this machine's host name (default: http://HOST:PORT)")
-    group.add_argument("--fastchat-conv-template", default=None, metavar="NAME",
-                       help="FastChat conversation template name (default: FastChat's choice "
-                            "for the model path or names)")
 
 
 def default_model_name(model: str | None) -> str:
@@ -105,7 +59,8 @@ def expand_worker_address(address: str) -> str:
 
 
 def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
-    """Serve until interrupted. Flag errors raise ValueError before the model is loaded."""
+    """Serve until interrupted. Flag errors raise ValueError before the model is loaded, a model
+    that cannot load raises StartupError."""
     # Before the template lookup: importing fastchat fails on a bad heartbeat variable.
     heart_beat_interval = heart_beat_interval_from_env()
     worker_address = check_http_url(
@@ -116,7 +71,7 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
     model_names = args.model_names or [default_model_name(config.model)]
     conv_template = resolve_conv_template(args.conv_template, config.model, model_names)
 
-    with EngineClient.from_config(config) as client:
+    with start_engine(config) as client:
         worker = FastChatWorker(client, model_names, conv_template, args.limit_worker_concurrency,
                                 args.max_waiting_requests)
         keep_registered = None
@@ -197,9 +152,3 @@ def _shutting_down() -> Response:
     error = WorkerError(ErrorCode.ENGINE_OVERLOADED, "this worker is shutting down; retry later")
     return JSONResponse(error.chunk(), 503)
 
-
-def _comma_list(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated names")
-    return names

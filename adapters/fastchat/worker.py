@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagoda.adapters.common.embeddings import base64_float32, embed_prompts
 from pagoda.adapters.fastchat.chunks import ChunkBuilder
+from pagoda.adapters.fastchat.flags import DEFAULT_LIMIT_WORKER_CONCURRENCY
 from pagoda.adapters.fastchat.protocol import (
     EmbeddingsRequest,
     ErrorCode,
@@ -24,10 +25,6 @@ from pagoda.backend.engine_client import EngineClient
 from pagoda.backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
-
-# FastChat's vLLM worker default: a batching engine queues requests itself, so the semaphore
-# only caps how many a worker accepts at once.
-DEFAULT_LIMIT_WORKER_CONCURRENCY = 1024
 
 
 class FastChatWorker:

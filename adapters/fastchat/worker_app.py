@@ -15,12 +15,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pagoda.adapters.common.body import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    RequestBodyError,
-    read_json_body,
-)
+from pagoda.adapters.common.body import RequestBodyError, read_json_body
 from pagoda.adapters.common.disconnect import ClientDisconnected, unless_disconnected
+from pagoda.adapters.common.listener import DEFAULT_MAX_REQUEST_BYTES
 from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError, encode_chunk
 from pagoda.adapters.fastchat.worker import FastChatWorker
 

@@ -1,4 +1,5 @@
-"""Request bodies in: size limit, JSON, then a pydantic model; each failure a named 400 (or 413)."""
+"""Request bodies in: size limit, JSON, fields Pagoda refuses (unsupported.py), then a pydantic
+model; each failure a named 400 (or 413)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from starlette.requests import Request
 
 from pagoda.adapters.common.body import RequestBodyError, read_json_body
 from pagoda.adapters.openai.errors import OpenAIError, invalid_param
+from pagoda.adapters.openai.unsupported import check_supported
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -26,6 +28,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 def parse_body(model: type[ModelT], body: Any) -> ModelT:
     if not isinstance(body, dict):
         raise invalid_param("the request body must be a JSON object", None)
+    check_supported(model, body)
     try:
         return model.model_validate(body)
     except ValidationError as error:

@@ -1,7 +1,9 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
-Requests ignore unknown fields and read null as "the default": every optional field is
-`X | None = None`, and the defaults live in one place, where sampling parameters are built.
+Requests ignore unknown fields, except those that would change the answer (unsupported.py
+refuses them before these models see the body), and read null as "the default": every optional
+field is `X | None = None`, and the defaults live in one place, where sampling parameters are
+built.
 Ranges are not checked here either: SamplingParams checks them and names the field.
 Responses follow OpenAI's shapes, plus vLLM's `stop_reason` on choices.
 """
@@ -32,10 +34,6 @@ class StreamOptions(RequestModel):
     include_usage: bool | None = None
 
 
-class ResponseFormat(RequestModel):
-    type: str
-
-
 class ChatMessage(RequestModel):
     role: str
     # A string or a list of content parts; only {"type": "text", "text": ...} parts are served.
@@ -59,7 +57,6 @@ class SamplingRequest(RequestModel):
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
     # vLLM's extra sampling parameters (sent through the openai SDK's extra_body).
     best_of: int | None = None
     use_beam_search: bool | None = None

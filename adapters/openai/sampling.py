@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagoda.adapters.openai.errors import OpenAIError, engine_error, invalid_param
+from pagoda.adapters.openai.errors import engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
 from pagoda.backend.errors import InvalidParameter
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
@@ -28,7 +28,6 @@ def build_sampling_params(
     """max_tokens, logprobs and prompt_logprobs come resolved (their request fields differ
     between endpoints); `param_names` maps a SamplingParams field to the request field an error
     should name. max_tokens=0 (the prompt alone) is for an `echo` only."""
-    _check_response_format(request)
     if max_tokens == 0 and not echo:
         name = param_names.get("max_tokens", "max_tokens")
         raise invalid_param(f"{name} must be >= 1 (0, the prompt alone, needs echo)", name)
@@ -66,16 +65,6 @@ def checked_logprobs(value: int | None, name: str, maximum: int) -> int | None:
     if value is not None and not 0 <= value <= maximum:
         raise invalid_param(f"{name} must be in 0..{maximum}, got {value}", name)
     return value
-
-
-def _check_response_format(request: SamplingRequest) -> None:
-    response_format = request.response_format
-    if response_format is not None and response_format.type != "text":
-        raise OpenAIError(
-            400,
-            f"response_format type {response_format.type!r} is not supported; only 'text' is",
-            param="response_format",
-        )
 
 
 def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from pagoda.adapters.common.draining import Alongside, serve_draining
+from pagoda.adapters.common.startup import start_engine
 from pagoda.adapters.openai.app import create_app
 from pagoda.adapters.openai.errors import RETRY_AFTER_SECONDS, SERVER_ERROR, OpenAIError
 from pagoda.adapters.openai.settings import ServerSettings
@@ -25,8 +26,9 @@ def run_server(
     engine_config: EngineConfig, settings: ServerSettings, extra_routes: ExtraRoutes | None = None,
     alongside: Alongside | None = None,
 ) -> None:
-    """Serve until interrupted: Ctrl-C stops at once, SIGTERM after draining (common/draining)."""
-    with EngineClient.from_config(engine_config) as client:
+    """Serve until interrupted: Ctrl-C stops at once, SIGTERM after draining (common/draining).
+    A model that cannot load raises StartupError."""
+    with start_engine(engine_config) as client:
         routes = extra_routes(client) if extra_routes is not None else ()
         logger.info(
             "serving %s on http://%s:%d/v1", settings.model_name, settings.host, settings.port

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from pagoda.adapters.common.body import DEFAULT_MAX_REQUEST_BYTES
-from pagoda.adapters.common.draining import DEFAULT_SHUTDOWN_TIMEOUT
+from pagoda.adapters.common.listener import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    add_listener_args,
+)
 from pagoda.backend.demo import DEMO_MODEL_NAME
 
 API_KEY_ENV = "PAGODA_API_KEY"
@@ -63,28 +67,32 @@ class ServerSettings:
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1")
-    group.add_argument("--port", type=int, default=8000)
+    add_listener_args(group, default_port=_default("port"), overloaded="503",
+                      too_large="413")
     group.add_argument("--served-model-name", nargs="+", default=None,
                        help="name(s) clients pass as `model` (default: --model, or the demo "
                             "model's name)")
     group.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                       help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
+                       help="require 'Authorization: Bearer KEY' on every path but /health "
+                            f"(default: ${API_KEY_ENV}, else no key)")
     group.add_argument("--chat-template", default=None,
-                       help="file with a Jinja chat template replacing the model's")
-    group.add_argument("--max-waiting-requests", type=int, default=None,
-                       help="answer 503 while this many requests wait for their first token")
-    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                       help="largest accepted request body (413 above it)")
-    group.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS)
+                       help="file with a Jinja chat template replacing the model's (default: the "
+                            "model's own)")
+    group.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
+                       help="largest logprobs / top_logprobs a request may ask for")
     group.add_argument("--enable-force-include-usage", action="store_true",
                        help="end every stream with a usage chunk, as if include_usage were set")
-    group.add_argument("--sse-ping-seconds", type=float, default=15.0)
-    group.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
-                       help="after SIGTERM: refuse new requests (503) and give those in flight "
-                            "this many seconds to finish, then exit")
-    group.add_argument("--uvicorn-log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    group.add_argument("--sse-ping-seconds", type=float, default=_default("sse_ping_seconds"),
+                       help="seconds between comment lines that keep idle streams open through "
+                            "proxies (0: none)")
+    group.add_argument("--uvicorn-log-level", default=_default("uvicorn_log_level"),
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="uvicorn's log level (info logs every request)")
+
+
+def _default(name: str) -> Any:
+    # NOTE: a slots dataclass keeps its defaults in its fields, not as class attributes.
+    return next(item.default for item in fields(ServerSettings) if item.name == name)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

@@ -25,10 +25,12 @@ import sentencepiece
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from transformers.tokenization_utils_base import generate_merges
+from transformers.utils import logging as hf_logging
+
+from pagoda.backend.demo import DEMO_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "pagoda-demo"
 # NOTE: bump whenever the recipe (corpus, tokenizer or model settings) changes, so cached
 # copies built by an older recipe are not reused.
 DEMO_MODEL_VERSION = 1
@@ -65,7 +67,8 @@ def build_demo_model(output_dir: str | os.PathLike[str]) -> pathlib.Path:
     tokenizer = _hf_tokenizer(spm_model)
     tokenizer.save_pretrained(folder)
     model = _random_model(_llama_config(len(tokenizer)))
-    model.save_pretrained(folder, safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(folder, safe_serialization=True)
     # safetensors writes its file with mode 0600; a checkpoint built as one user (say, in a
     # container image) must stay readable by the user who serves it, like its other files.
     (folder / "model.safetensors").chmod(0o644)
@@ -179,6 +182,19 @@ def _random_model(config: LlamaConfig) -> LlamaForCausalLM:
         model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     return model
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without transformers' progress bars: the one save_pretrained draws for its single shard
+    ("Writing model shards") reads as a download to someone starting `pagoda serve` first."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -9,8 +9,12 @@ import numpy as np
 import torch
 
 from pagoda.backend.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from pagoda.backend.host import physical_memory_bytes
 
 logger = logging.getLogger(__name__)
+
+# The share of the machine's memory the default CPU KV budget may take.
+CPU_MEMORY_FRACTION = 0.25
 
 
 def bytes_per_block(
@@ -20,10 +24,12 @@ def bytes_per_block(
     return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
 
 
-def choose_num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:
+def choose_num_blocks(
+    config: EngineConfig, block_bytes: int, device: torch.device, model_max_len: int
+) -> int:
     """num_kv_blocks when given; otherwise as many blocks as the memory budget holds: the
-    kv_cache_memory_bytes flag (default 2 GiB on CPU), or gpu_memory_utilization of the free
-    memory on CUDA."""
+    kv_cache_memory_bytes flag, gpu_memory_utilization of the free memory on CUDA, or on CPU
+    default_cpu_kv_budget."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if config.kv_cache_memory_bytes is not None:
@@ -32,7 +38,7 @@ def choose_num_blocks(config: EngineConfig, block_bytes: int, device: torch.devi
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = int(free_bytes * config.gpu_memory_utilization)
     else:
-        budget = DEFAULT_CPU_KV_CACHE_BYTES
+        budget = default_cpu_kv_budget(config, block_bytes, model_max_len)
     num_blocks = budget // block_bytes
     if num_blocks < 1:
         raise ValueError(
@@ -40,6 +46,22 @@ def choose_num_blocks(config: EngineConfig, block_bytes: int, device: torch.devi
             "raise kv_cache_memory_bytes or gpu_memory_utilization"
         )
     return num_blocks
+
+
+def default_cpu_kv_budget(config: EngineConfig, block_bytes: int, model_max_len: int) -> int:
+    """2 GiB, but no more than the configuration can fill (max_num_seqs sequences of
+    max_model_len tokens, as vLLM sizes its pool) nor a quarter of the machine's memory (what a
+    small VM or container can spare next to the weights and everything else)."""
+    max_model_len = config.max_model_len or model_max_len
+    blocks_per_sequence = -(-max_model_len // config.block_size)
+    bounds = {
+        "default": DEFAULT_CPU_KV_CACHE_BYTES,
+        "max_num_seqs x max_model_len": config.max_num_seqs * blocks_per_sequence * block_bytes,
+        "machine memory / 4": int(physical_memory_bytes() * CPU_MEMORY_FRACTION),
+    }
+    reason = min(bounds, key=bounds.__getitem__)
+    logger.info("KV cache budget: %.0f MiB (%s)", bounds[reason] / 2**20, reason)
+    return bounds[reason]
 
 
 def allocate_kv_cache(
@@ -56,7 +78,11 @@ def allocate_kv_cache(
         (_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(num_layers)
     ]
     total = bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) * num_blocks
-    logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20)
+    # NOTE: on CPU the pages are committed only when first written (see _zeros), which the log
+    # says, lest the budget read as the memory the process takes.
+    lazily = " (RAM committed as blocks are first used)" if device.type == "cpu" else ""
+    logger.info("KV cache: %d blocks of %d tokens, %.1f MiB%s", num_blocks, block_size,
+                total / 2**20, lazily)
     return caches
 
 

@@ -13,6 +13,14 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
 }
+# What each architecture covers, for `pagoda architectures` (the README's table is its output).
+MODEL_FAMILIES: dict[str, str] = {
+    "LlamaForCausalLM": "Llama 1, 2 and 3.x (3.1 and 3.2 with their rope scaling), Vicuna, "
+                        "TinyLlama, and fine-tunes that keep this architecture",
+    "MistralForCausalLM": "Mistral 7B v0.1-v0.3 (v0.1's sliding-window attention included), "
+                          "Zephyr and other Mistral fine-tunes",
+    "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
+}
 
 
 def build_model(
@@ -28,4 +36,4 @@ def build_model(
     )
 
 
-__all__ = ["MODEL_REGISTRY", "build_model"]
+__all__ = ["MODEL_FAMILIES", "MODEL_REGISTRY", "build_model"]

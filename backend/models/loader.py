@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 def resolve_model_path(model: str, revision: str | None, allow_pickle_weights: bool) -> Path:
     """A local folder as is; otherwise download the hub repository's config, tokenizer and
-    weights (safetensors, plus .bin only when pickle weights are allowed)."""
+    weights (safetensors, plus .bin only when pickle weights are allowed). Raises ValueError
+    when the hub cannot provide it. (EngineConfig has refused missing local folders already.)"""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -31,7 +33,26 @@ def resolve_model_path(model: str, revision: str | None, allow_pickle_weights: b
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types; all mean "cannot get it"
-        raise ValueError(f"model {model!r} is neither a local folder nor a reachable hub id: {error}")
+        # Its messages run over several lines; the first says what failed.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"model {model!r} is not a local folder and the Hugging Face hub did not provide it "
+            f"({reason}): check the id, the network and HF_TOKEN (gated models), or pass a "
+            "local folder"
+        ) from None
+
+
+def check_unquantized(config: PretrainedConfig) -> None:
+    """Refuse quantized checkpoints (GPTQ, AWQ, FP8, bitsandbytes, ...) up front with a ValueError
+    naming the method: their weights are packed in formats no model here reads yet."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None)) or "unknown method"
+        raise ValueError(
+            f"the checkpoint is quantized ({method}), which Pagoda does not load yet; use its "
+            "unquantized (float16, bfloat16 or float32) release"
+        )
 
 
 def weight_files(folder: Path, allow_pickle_weights: bool) -> list[Path]:

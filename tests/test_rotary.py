@@ -90,5 +90,5 @@ def test_a_model_built_on_cuda_runs_there_like_on_cpu(rope_type):
     assert on_gpu.rotary.cos.device.type == "cuda"
     torch.testing.assert_close(on_gpu.rotary.cos.cpu(), reference.rotary.cos, atol=1e-5, rtol=0)
     with torch.inference_mode():
-        torch.testing.assert_close(_forward(on_gpu, cuda).cpu(), _forward(reference, torch.device("cpu")),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(_forward(on_gpu, cuda).cpu(),
+                                   _forward(reference, torch.device("cpu")), atol=1e-4, rtol=1e-4)

@@ -196,6 +196,11 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_window = _sliding_window(config)
 
     @property
+    def attention_backend(self) -> AttentionBackend:
+        """The backend every layer attends with (prepare its metadata with this one)."""
+        return self.layers[0].self_attn.backend
+
+    @property
     def kv_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of the cache this model needs."""
         attn = self.layers[0].self_attn

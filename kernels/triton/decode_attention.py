@@ -42,7 +42,7 @@ def _decode_kernel(
     SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     # NOTE: int64 before any product with a runtime size: partial-result offsets reach
-    # num_seqs * num_heads * num_partitions * head_dim, past 2^31 for large batches of long contexts.
+    # num_seqs * num_heads * num_partitions * head_dim, past 2^31 for big batches of long contexts.
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     partition = tl.program_id(2)

@@ -164,8 +164,8 @@ def paged_prefill_attention_triton(
     """Same contract as `paged_prefill_attention_reference`, for the sequences `tiles` covers.
 
     block_tables [num_seqs, max_blocks], query_start_loc [num_seqs + 1] and context_lens
-    [num_seqs] are int32 on the query's device. Writes the covered sequences' rows of `out` (a new tensor when
-    None) and returns it; other rows are left as they were.
+    [num_seqs] are int32 on the query's device. Writes the covered sequences' rows of `out` (a
+    new tensor when None) and returns it; other rows are left as they were.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]

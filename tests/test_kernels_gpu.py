@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton_devices
+from batch_layouts import Piece, layout_from_pieces
 
 from pagoda.backend.attention import BatchLayout, TorchAttentionBackend
 from pagoda.kernels import (
@@ -159,7 +160,7 @@ def _shared_prefix_step(device: torch.device) -> tuple[BatchLayout, int]:
     def fresh(count: int) -> list[int]:
         return [next(next_block) for _ in range(count)]
 
-    pieces = []  # (table, context, new tokens)
+    pieces: list[Piece] = []
     prefixes = [(fresh(128), 15) for _ in range(16)] + [(fresh(LONG_CONTEXT // BLOCK_SIZE), 4)]
     for prefix, members in prefixes:
         for _ in range(members):
@@ -170,17 +171,7 @@ def _shared_prefix_step(device: torch.device) -> tuple[BatchLayout, int]:
         context = int(torch.randint(1, 4096, ()))
         pieces.append((fresh(context // BLOCK_SIZE + 1), context, 1))
     pieces.append((fresh(64), 512, 512))
-    starts, slots = [0], []
-    for table, context, new in pieces:
-        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                  for p in range(context, context + new)]
-        starts.append(starts[-1] + new)
-    layout = BatchLayout(
-        query_start_loc=starts, context_lens=[context for _, context, _ in pieces],
-        block_tables=[table for table, _, _ in pieces],
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), block_size=BLOCK_SIZE,
-    )
-    return layout, num_blocks
+    return layout_from_pieces(pieces, BLOCK_SIZE, device), num_blocks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

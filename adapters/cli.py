@@ -52,6 +52,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                               "behind its controller"),
     "compare-checkouts": ("compare_checkouts.py", "two checkouts' offline tokens/s in "
                                                   "alternating rounds (no-slowdown checks)"),
+    "block-pool-startup": ("block_pool_startup.py", "KV block pool start-up and allocation "
+                                                    "throughput at millions of blocks"),
     "plots": ("plots.py", "PNG plots of the result JSONs"),
 }
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]

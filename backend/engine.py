@@ -28,6 +28,7 @@ from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
 from pagoda.backend.host import apply_cpu_threads
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
+from pagoda.backend.memory_profile import kv_cache_budget, profile_memory
 from pagoda.backend.model_input import build_model_input
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.model_runner import ModelRunner
@@ -51,6 +52,11 @@ from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
 
 logger = logging.getLogger(__name__)
+
+# Left out of the KV cache on CUDA for what the profiling step does not allocate: the CUDA graph
+# pool and the decode kernel's split-K partial results (~0.3 GiB at 256 sequences of 32k tokens
+# for Llama-3-8B; ~1.1 GiB at 128k).
+CUDA_RESERVE_BYTES = 1024**3
 
 Prompt = str | list[int]
 
@@ -76,7 +82,8 @@ class LLMEngine:
             num_layers, config.block_size, num_kv_heads, head_dim, self.dtype
         )
         num_blocks = choose_num_blocks(
-            config, block_bytes, self.device, hf_config.max_position_embeddings
+            config, block_bytes, self.device, hf_config.max_position_embeddings,
+            self._profiled_kv_budget(),
         )
         self.max_model_len = config.resolve_max_model_len(
             hf_config.max_position_embeddings, num_blocks * config.block_size
@@ -101,6 +108,17 @@ class LLMEngine:
         # is a failure of the model on that request (see _isolate_failure). None in production,
         # so it costs one attribute check per step.
         self.fault_injector: Callable[[SequenceGroup], None] | None = None
+
+    def _profiled_kv_budget(self) -> int | None:
+        """On CUDA, unless the KV cache's size is given: the bytes a profiling step leaves for it
+        once the weights, a full step's activations and a reserve for the CUDA graph pool and
+        the decode kernel's split-K buffers are counted."""
+        config = self.config
+        if self.device.type != "cuda" or config.num_kv_blocks or config.kv_cache_memory_bytes:
+            return None
+        profile = profile_memory(self.model, self.device, config.max_num_batched_tokens,
+                                 config.max_num_seqs, config.block_size)
+        return kv_cache_budget(profile, config.gpu_memory_utilization, CUDA_RESERVE_BYTES)
 
     def _graph_runner(
         self, kv_caches: list[KVCache], attention: AttentionBackend

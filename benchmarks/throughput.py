@@ -15,8 +15,11 @@ no request waits for a longer one), so this isolates the engine's own speed from
 
     python benchmarks/throughput.py [--model DIR] [--num-requests 200] [--hf-batch-size 32]
     python benchmarks/throughput.py --workload fixed --input-lens 128,512 --output-lens 128,512
+    python benchmarks/throughput.py --device cuda --dtype bfloat16 --model DIR
 
-Writes benchmarks/results/throughput-cpu.json (throughput-fixed-cpu.json for the sweep).
+Pagoda and its transformers peers run on the same --device in the same --dtype (CPU and float32
+by default). Writes benchmarks/results/throughput-DEVICE.json (throughput-fixed-DEVICE.json for
+the sweep), DEVICE being cpu or cuda.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from pagoda.backend import LLM, SamplingParams
+from pagoda.backend.config import DTYPES
 from pagoda.backend.demo import demo_model_path
 
 def run_pagoda(llm: LLM, requests: list[Request]) -> float:
@@ -71,8 +75,9 @@ def peak_kv_waste(llm: LLM, requests: list[Request]) -> dict[str, float]:
     }
 
 
-def run_transformers_static(model_dir: Path, requests: list[Request], batch_size: int) -> float:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def run_transformers_static(model_dir: Path, requests: list[Request], batch_size: int,
+                            device: str, dtype: torch.dtype) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     started = time.perf_counter()
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     for batch in tqdm(batches, desc="transformers static batches"):
@@ -87,18 +92,20 @@ def run_transformers_static(model_dir: Path, requests: list[Request], batch_size
         longest = max(r.output_len for r in batch)
         with torch.no_grad():
             model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                do_sample=False,
                 max_new_tokens=longest, min_new_tokens=longest, pad_token_id=0,
             )
     return time.perf_counter() - started
 
 
-def run_transformers_continuous(model_dir: Path, requests: list[Request]) -> float:
+def run_transformers_continuous(model_dir: Path, requests: list[Request], device: str,
+                                dtype: torch.dtype) -> float:
     """transformers' own continuous batching (transformers 5's paged manager behind
     `generate_batch`), driven request by request so each gets its own output length."""
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="paged|sdpa"
-    ).eval()
+        model_dir, dtype=dtype, attn_implementation="paged|sdpa"
+    ).to(device).eval()
     config = GenerationConfig(do_sample=False, eos_token_id=None,
                               max_new_tokens=max(r.output_len for r in requests))
     started = time.perf_counter()
@@ -117,17 +124,19 @@ def run_transformers_continuous(model_dir: Path, requests: list[Request]) -> flo
     return time.perf_counter() - started
 
 
-def peer_runs(model_dir: Path, requests: list[Request], peers: list[str], hf_batch_size: int,
-              pagoda_seconds: float) -> dict[str, dict]:
-    """Run the named transformers peers on the same requests; seconds, tokens/s and Pagoda's
-    speedup over each."""
+def peer_runs(args: argparse.Namespace, model_dir: Path, requests: list[Request],
+              peers: list[str], pagoda_seconds: float) -> dict[str, dict]:
+    """Run the named transformers peers on the same requests, device and dtype as Pagoda;
+    seconds, tokens/s and Pagoda's speedup over each."""
     useful_tokens = sum(r.output_len for r in requests)
+    dtype = DTYPES[args.dtype]
     results: dict[str, dict] = {}
     if "static" in peers:
-        seconds = run_transformers_static(model_dir, requests, hf_batch_size)
-        results["transformers_static"] = {"seconds": seconds, "batch_size": hf_batch_size}
+        seconds = run_transformers_static(model_dir, requests, args.hf_batch_size, args.device,
+                                          dtype)
+        results["transformers_static"] = {"seconds": seconds, "batch_size": args.hf_batch_size}
     if "continuous" in peers:
-        seconds = run_transformers_continuous(model_dir, requests)
+        seconds = run_transformers_continuous(model_dir, requests, args.device, dtype)
         results["transformers_continuous"] = {"seconds": seconds}
     for peer in results.values():
         peer.update(tokens_per_s=useful_tokens / peer["seconds"],
@@ -151,7 +160,7 @@ def sharegpt_mix(args: argparse.Namespace, llm: LLM, model_dir: Path) -> dict:
         "pagoda": {"seconds": pagoda_seconds, "tokens_per_s": useful_tokens / pagoda_seconds,
                    "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens},
-        **peer_runs(model_dir, requests, peers, args.hf_batch_size, pagoda_seconds),
+        **peer_runs(args, model_dir, requests, peers, pagoda_seconds),
         **waste,
         "requests": [asdict(r) | {"prompt_token_ids": len(r.prompt_token_ids)} for r in requests],
     }
@@ -171,8 +180,7 @@ def fixed_sweep(args: argparse.Namespace, llm: LLM, model_dir: Path) -> dict:
         points.append({
             "input_len": input_len, "output_len": output_len,
             "pagoda": {"seconds": pagoda_seconds, "tokens_per_s": useful_tokens / pagoda_seconds},
-            **peer_runs(model_dir, requests, args.peers or ["static"], args.hf_batch_size,
-                        pagoda_seconds),
+            **peer_runs(args, model_dir, requests, args.peers or ["static"], pagoda_seconds),
         })
     return {"benchmark": "offline throughput, fixed lengths", "num_requests": args.num_requests,
             "points": points}
@@ -195,6 +203,10 @@ def parse_args() -> argparse.Namespace:
                         help="fixed workload: prompt lengths, comma-separated")
     parser.add_argument("--output-lens", type=int_list, default=[128, 512],
                         help="fixed workload: output lengths, comma-separated")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where Pagoda and the peers run (default: cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weights, activations and KV cache (default: float32)")
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--peers", type=lambda text: text.split(","), default=None,
                         help="transformers peers to run: static (generate), continuous "
@@ -215,7 +227,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     model_dir = Path(args.model) if args.model else demo_model_path()
-    llm = LLM(str(model_dir), dtype="float32", device="cpu", max_num_seqs=args.max_num_seqs,
+    llm = LLM(str(model_dir), dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
     run = fixed_sweep if args.workload == "fixed" else sharegpt_mix
     result = {
@@ -225,7 +237,8 @@ def main() -> None:
         **run(args, llm, model_dir),
         "settings": vars(args),
     }
-    name = "throughput-cpu.json" if args.workload == "sharegpt" else "throughput-fixed-cpu.json"
+    workload = "" if args.workload == "sharegpt" else "-fixed"
+    name = f"throughput{workload}-{args.device}.json"
     output = output_path(args.output, name, args.quick)
     output.write_text(json.dumps(result, indent=2) + "\n")
     summary = result["points"] if args.workload == "fixed" else {

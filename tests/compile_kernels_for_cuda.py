@@ -5,13 +5,19 @@ TRITON_INTERPRET); instead of launching, every launch goes through Triton's own 
 and specialization for a target GPU and is compiled down to a cubin with the ptxas bundled in the
 triton wheel. This checks what the interpreter cannot: that the kernels are valid compiled Triton
 (types of loop-carried values, constexpr use, tl.dot shapes and operand types) for the float16,
-bfloat16 and float32 variants, on Ampere (sm_80) and Hopper (sm_90). It does not run them.
+bfloat16 and float32 variants of two head layouts, on Ampere (sm_80) and Hopper (sm_90). It does
+not run them.
 
     python tests/compile_kernels_for_cuda.py   (test_kernels.py runs it)
+
+With --count-variants it compiles nothing: it drives the Triton attention backend through steps
+of twelve different maximum sequence lengths and prints, per kernel, how many variants Triton
+would compile (each distinct specialization is a fresh compile on the GPU).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,30 +30,47 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# (num_heads, num_kv_heads, head_dim): GQA as Llama 3 8B; MHA with a head_dim that is not a power
+# of two (masked) and rows wider than one store program (two chunks).
+HEAD_SHAPES = [(32, 8, 128), (16, 16, 80)]
 
 compiled: set[str] = set()
+# Kernel name -> the variant keys launches asked for (--count-variants).
+variants: dict[str, set[str]] = {}
+
+
+def bind(self: JITFunction, args: tuple, kwargs: dict, target: GPUTarget) -> tuple[ASTSource, dict]:
+    """The binding and specialization a launch would do on the target, as JITFunction.run and
+    _do_compile do (triton 3.7): the source to compile (its hash names the variant, as Triton's
+    own kernel cache does) and the compile options."""
+    kwargs["debug"] = kwargs.get("debug", self.debug)
+    backend = make_backend(target)
+    binder = create_function_from_signature(self.signature, self.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = self._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
+    return ASTSource(self, signature, constexprs, attrs), options.__dict__
 
 
 def compile_instead_of_launch(self: JITFunction, *args, grid, warmup, **kwargs) -> None:
-    """Stands in for JITFunction.run: the binding and specialization a launch would do on the
-    target, then triton.compile, as JITFunction.run and _do_compile do (triton 3.7)."""
-    kwargs["debug"] = kwargs.get("debug", self.debug)
+    """Stands in for JITFunction.run: binds the launch for each target GPU and compiles it."""
     for target in TARGETS:
-        backend = make_backend(target)
-        binder = create_function_from_signature(self.signature, self.params, backend)
-        bound_args, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = self._pack_args(
-            backend, kwargs, bound_args, specialization, options
-        )
-        source = ASTSource(self, signature, constexprs, attrs)
+        source, options = bind(self, args, dict(kwargs), target)
         name = f"{self.fn.__name__}@sm_{target.arch}/{source.hash()[:8]}"
         if name not in compiled:
-            kernel = triton.compile(source, target=target, options=options.__dict__)
+            kernel = triton.compile(source, target=target, options=options)
             assert kernel.asm["cubin"], name
             compiled.add(name)
 
 
-def run_every_wrapper(dtype: torch.dtype) -> None:
+def record_instead_of_launch(self: JITFunction, *args, grid, warmup, **kwargs) -> None:
+    """Stands in for JITFunction.run: records which variant the launch would compile (sm_90)."""
+    source, _ = bind(self, args, dict(kwargs), TARGETS[-1])
+    variants.setdefault(self.fn.__name__, set()).add(source.hash())
+
+
+def run_every_wrapper(dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
     from pagoda.kernels.triton import (
         PrefillTiles,
         copy_blocks_triton,
@@ -57,7 +80,8 @@ def run_every_wrapper(dtype: torch.dtype) -> None:
         tokens_per_tile,
     )
 
-    num_heads, num_kv_heads, head_dim, block_size = 32, 8, 128, 16
+    num_heads, num_kv_heads, head_dim = heads
+    block_size = 16
     cache = torch.zeros(64, block_size, num_kv_heads, head_dim, dtype=dtype)
     tokens = torch.zeros(40, 3, num_kv_heads, head_dim, dtype=dtype)  # strided like a fused qkv
     store_kv_triton(tokens[:, 1], tokens[:, 2], cache, cache, torch.arange(40))
@@ -73,17 +97,52 @@ def run_every_wrapper(dtype: torch.dtype) -> None:
     tiles = PrefillTiles.build([0, 1], [10] * 4, tokens_per_tile(num_heads, num_kv_heads), "cpu")
     for window in (None, 1024):
         paged_prefill_attention_triton(
-            query, cache, cache, tables, starts, lens, 0.1, tiles, 4096, window
+            query, cache, cache, tables, starts, lens, 0.1, tiles, window
         )
+
+
+def run_backend_steps(max_seq_lens: list[int]) -> None:
+    """One Triton-backend step per length: decodes up to that length (one exactly), a prefill
+    chunk ending there and a whole short prompt, so every kernel sees each maximum."""
+    from pagoda.backend.attention import BatchLayout
+    from pagoda.backend.attention import triton_backend
+
+    # Launches are recorded, not run: CPU tensors stand in for CUDA ones.
+    triton_backend.interpreting = lambda: True
+    backend = triton_backend.TritonAttentionBackend()
+    num_heads, num_kv_heads, head_dim, block_size = 32, 8, 128, 16
+    cache = torch.zeros(4, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16)
+    for step, max_seq_len in enumerate(max_seq_lens):
+        pieces = [(max_seq_len - 1, 1), (max_seq_len // 2, 1), (7, 1), (max_seq_len - 20, 20),
+                  (0, 3 + step)]
+        starts = [0]
+        for _, new in pieces:
+            starts.append(starts[-1] + new)
+        layout = BatchLayout(
+            query_start_loc=starts, context_lens=[context for context, _ in pieces],
+            block_tables=[[0] * -(-(context + new) // block_size) for context, new in pieces],
+            slot_mapping=torch.zeros(starts[-1], dtype=torch.long), block_size=block_size,
+        )
+        query = torch.zeros(starts[-1], num_heads, head_dim, dtype=torch.bfloat16)
+        key = torch.zeros(starts[-1], num_kv_heads, head_dim, dtype=torch.bfloat16)
+        metadata = backend.prepare(layout, torch.device("cpu"), None)
+        backend.forward(query, key, key, cache, cache, metadata, 0.1)
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("unset TRITON_INTERPRET: this compiles the kernels instead of interpreting them")
+    if sys.argv[1:] == ["--count-variants"]:
+        # Twelve maximum lengths between 100 and 5,000 tokens, as a serving run sees them.
+        JITFunction.run = record_instead_of_launch
+        run_backend_steps([100, 137, 250, 511, 512, 513, 1000, 1500, 2049, 3000, 4097, 5000])
+        print(json.dumps({name: len(keys) for name, keys in sorted(variants.items())}))
+        return
     started = time.monotonic()
     JITFunction.run = compile_instead_of_launch
     for dtype in DTYPES:
-        run_every_wrapper(dtype)
+        for heads in HEAD_SHAPES:
+            run_every_wrapper(dtype, heads)
     print(f"compiled {len(compiled)} kernel variants in {time.monotonic() - started:.1f} s")
     for name in sorted(compiled):
         print(" ", name)

@@ -373,3 +373,63 @@ def test_check_invariants_catches_a_stale_cached_key() -> None:
     block.key = BlockKey.chain(None, [3, 4])
     with pytest.raises(AssertionError, match="stale key"):
         pool.check_invariants()
+
+
+# -- Lazy creation -----------------------------------------------------------------------------
+
+
+def test_a_large_pool_creates_blocks_only_when_they_are_first_taken() -> None:
+    pool = BlockPool(4 * 2**20, enable_caching=True)
+    assert pool.blocks.created == []
+    assert pool.num_free_blocks == 4 * 2**20
+    taken = pool.allocate(3)
+    assert [block.block_id for block in taken] == [0, 1, 2]
+    assert [block.block_id for block in pool.blocks.created] == [0, 1, 2]
+    pool.release(reversed(taken))
+    # Never-used blocks stay ahead of freed ones, as if all had been queued at start.
+    assert [block.block_id for block in pool.allocate(2)] == [3, 4]
+    assert pool.num_used_blocks == 2
+    pool.check_invariants()
+
+
+def test_lazy_blocks_index_like_a_list() -> None:
+    pool = BlockPool(6, enable_caching=False)
+    assert pool.blocks[4].block_id == 4 and pool.blocks[-1].block_id == 5
+    assert pool.blocks[4] is pool.blocks[4]
+    assert [block.block_id for block in pool.blocks[1:6:2]] == [1, 3, 5]
+    assert [block.block_id for block in pool.blocks] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(IndexError, match="block id 6"):
+        pool.blocks[6]
+    # Created early by the look-ups, the blocks are still free and queued in id order.
+    assert free_ids(pool) == [0, 1, 2, 3, 4, 5]
+    pool.check_invariants()
+
+
+def test_a_never_used_block_taken_from_the_middle_is_skipped_then_requeued() -> None:
+    pool = BlockPool(6, enable_caching=False)
+    middle = pool.blocks[3]
+    pool.share(middle)  # one owner for a block still in the queue's run (a test-only path)
+    assert middle.ref_count == 1
+    assert free_ids(pool) == [0, 1, 2, 4, 5]
+    pool.check_invariants()
+    pool.release([middle])
+    assert free_ids(pool) == [0, 1, 2, 4, 5, 3]
+    assert [block.block_id for block in pool.allocate(5)] == [0, 1, 2, 4, 5]
+    assert [block.block_id for block in pool.allocate(1)] == [3]
+    assert pool.num_free_blocks == 0
+    pool.check_invariants()
+
+
+def test_popleft_many_spans_the_run_and_the_linked_part() -> None:
+    blocks = [KVBlock(block_id) for block_id in range(6)]
+    queue = FreeBlockQueue(blocks)
+    first = queue.popleft_many(4)
+    queue.append(first[2])
+    queue.append(first[0])
+    assert queue_ids(queue) == [4, 5, 2, 0]
+    assert [block.block_id for block in queue.popleft_many(3)] == [4, 5, 2]
+    assert queue_ids(queue) == [0] and len(queue) == 1
+    assert blocks[2].prev_free is None and blocks[2].next_free is None
+    with pytest.raises(IndexError):
+        queue.popleft_many(2)
+    queue.check_invariants()

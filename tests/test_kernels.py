@@ -1,14 +1,17 @@
 """Every Triton kernel against its torch reference: on CPU under Triton's interpreter (default
 suite; conftest.py turns it on), and compiled on CUDA (gpu marker).
 
-Shapes are small (the interpreter runs each program in numpy) but cover GQA and MHA, mixed
-context lengths (1, exact multiples of the block size, several split-K partitions), chunked
-prefill over a cached context, sliding windows, padded slot -1 rows and block tables whose block
-ids are scattered over the cache.
+Shapes are small (the interpreter runs each program in numpy) but cover GQA and MHA, head_dim
+64, 80 (not a power of two: masked) and 128, mixed context lengths (1, exact multiples of the
+block size, several split-K partitions), chunked prefill over a cached context, sliding windows,
+padded slot -1 rows and block tables whose block ids are scattered over the cache. bfloat16 is
+tested too: the kernels convert every load to float32, which the interpreter computes right.
+The large cases (32k contexts, batch 256) are in test_kernels_gpu.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,9 +32,13 @@ triton_kernels = pytest.importorskip("pagoda.kernels.triton")
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 48
-HEAD_DIM = 32
-SCALE = HEAD_DIM**-0.5
-HEAD_LAYOUTS = [pytest.param((4, 4), id="mha"), pytest.param((8, 2), id="gqa")]
+# (num_heads, num_kv_heads, head_dim): MHA, GQA, and a group of 3 heads (padded to 4 rows)
+# with a head_dim that is not a power of two.
+HEAD_SHAPES = [
+    pytest.param((4, 4, 64), id="mha-64"),
+    pytest.param((8, 2, 128), id="gqa-128"),
+    pytest.param((6, 2, 80), id="gqa3-80"),
+]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 BF16 = pytest.param(torch.bfloat16, id="bf16")
 # Outputs are rounded to the dtype; float16 operands of the kernels' matrix products (the
@@ -39,7 +46,9 @@ BF16 = pytest.param(torch.bfloat16, id="bf16")
 TOLERANCES = {
     torch.float32: {"atol": 2e-5, "rtol": 1e-4},
     torch.float16: {"atol": 4e-3, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
 }
+COMPILE_SCRIPT = Path(__file__).with_name("compile_kernels_for_cuda.py")
 
 
 @pytest.fixture(params=triton_devices.DEVICES)
@@ -48,8 +57,8 @@ def device(request) -> torch.device:
     return triton_devices.require(request.param)
 
 
-def _caches(num_kv_heads: int, dtype: torch.dtype, device: torch.device):
-    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+def _caches(num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    shape = (NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, head_dim)
     return torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
 
 
@@ -70,14 +79,18 @@ def _int32(values: list[int], device: torch.device) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, BF16])
-def test_store_kv_skips_padding_rows(device, dtype):
-    num_tokens, num_kv_heads = 21, 2
+@pytest.mark.parametrize(
+    ("num_kv_heads", "head_dim"), [(2, 64), (2, 80), (16, 128)],
+    ids=["2x64", "2x80", "16x128-two-chunks"],
+)
+def test_store_kv_skips_padding_rows(device, dtype, num_kv_heads, head_dim):
+    num_tokens = 21
     # key and value as the model makes them: strided views into one fused qkv projection.
-    qkv = torch.randn(num_tokens, 3, num_kv_heads, HEAD_DIM, device=device).to(dtype)
+    qkv = torch.randn(num_tokens, 3, num_kv_heads, head_dim, device=device).to(dtype)
     key, value = qkv[:, 1], qkv[:, 2]
     slots = torch.randperm(NUM_BLOCKS * BLOCK_SIZE, device=device)[:num_tokens]
     slots[[0, 7, num_tokens - 1]] = -1
-    expected = _caches(num_kv_heads, dtype, device)
+    expected = _caches(num_kv_heads, head_dim, dtype, device)
     actual = tuple(cache.clone() for cache in expected)
     store_kv_reference(key, value, *expected, slots)
     triton_kernels.store_kv_triton(key, value, *actual, slots)
@@ -86,7 +99,7 @@ def test_store_kv_skips_padding_rows(device, dtype):
 
 @pytest.mark.parametrize("dtype", [*DTYPES, BF16])
 def test_copy_blocks(device, dtype):
-    layers = [_caches(2, dtype, device) for _ in range(3)]
+    layers = [_caches(2, 32, dtype, device) for _ in range(3)]
     expected = [(k.clone(), v.clone()) for k, v in layers]
     sources, targets = _int32([3, 17, 40, 9], device), _int32([30, 2, 11, 47], device)
     copy_blocks_reference(expected, sources.long(), targets.long())
@@ -95,35 +108,37 @@ def test_copy_blocks(device, dtype):
         assert torch.equal(key, key_ref) and torch.equal(value, value_ref)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", [*DTYPES, BF16])
+@pytest.mark.parametrize("heads", HEAD_SHAPES)
 @pytest.mark.parametrize(
     ("partition_size", "sliding_window"),
     [(512, None), (32, None), (32, 40)],
     ids=["one-partition", "split-k", "split-k-window"],
 )
 def test_paged_decode_attention(device, dtype, heads, partition_size, sliding_window):
-    num_heads, num_kv_heads = heads
+    num_heads, num_kv_heads, head_dim = heads
+    scale = head_dim**-0.5
     # Lengths 1, block multiples (16, 64) and 100 = four 32-token partitions, the last partial.
     seq_lens = [1, 16, 37, 100, 64]
-    key_cache, value_cache = _caches(num_kv_heads, dtype, device)
-    query = torch.randn(len(seq_lens), num_heads, HEAD_DIM, device=device).to(dtype)
+    key_cache, value_cache = _caches(num_kv_heads, head_dim, dtype, device)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
     tables, lens = _block_tables(seq_lens, device), _int32(seq_lens, device)
     actual = triton_kernels.paged_decode_attention_triton(
-        query, key_cache, value_cache, tables, lens, SCALE, max_seq_len=max(seq_lens),
+        query, key_cache, value_cache, tables, lens, scale, max_seq_len=max(seq_lens),
         sliding_window=sliding_window, partition_size=partition_size,
     )
     expected = paged_decode_attention_reference(
-        query, key_cache, value_cache, tables, lens, SCALE, sliding_window
+        query, key_cache, value_cache, tables, lens, scale, sliding_window
     )
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", HEAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", [*DTYPES, BF16])
+@pytest.mark.parametrize("heads", HEAD_SHAPES)
 @pytest.mark.parametrize("sliding_window", [None, 20], ids=["causal", "window"])
 def test_paged_prefill_attention(device, dtype, heads, sliding_window):
-    num_heads, num_kv_heads = heads
+    num_heads, num_kv_heads, head_dim = heads
+    scale = head_dim**-0.5
     # (context, new tokens): whole prompts, chunks after a context of a block multiple and not,
     # a single new token, and a prompt longer than one tile of the MHA layout (64 tokens).
     pieces = [(0, 17), (32, 5), (5, 1), (16, 40), (0, 70)]
@@ -132,8 +147,8 @@ def test_paged_prefill_attention(device, dtype, heads, sliding_window):
     starts = [0]
     for new in query_lens:
         starts.append(starts[-1] + new)
-    key_cache, value_cache = _caches(num_kv_heads, dtype, device)
-    query = torch.randn(starts[-1], num_heads, HEAD_DIM, device=device).to(dtype)
+    key_cache, value_cache = _caches(num_kv_heads, head_dim, dtype, device)
+    query = torch.randn(starts[-1], num_heads, head_dim, device=device).to(dtype)
     seq_lens = [context + new for context, new in pieces]
     tables = _block_tables(seq_lens, device)
     query_start_loc, contexts = _int32(starts, device), _int32(context_lens, device)
@@ -142,11 +157,11 @@ def test_paged_prefill_attention(device, dtype, heads, sliding_window):
         triton_kernels.tokens_per_tile(num_heads, num_kv_heads), device,
     )
     actual = triton_kernels.paged_prefill_attention_triton(
-        query, key_cache, value_cache, tables, query_start_loc, contexts, SCALE, tiles,
-        max_seq_len=max(seq_lens), sliding_window=sliding_window,
+        query, key_cache, value_cache, tables, query_start_loc, contexts, scale, tiles,
+        sliding_window=sliding_window,
     )
     expected = paged_prefill_attention_reference(
-        query, key_cache, value_cache, tables, query_start_loc, contexts, SCALE, sliding_window
+        query, key_cache, value_cache, tables, query_start_loc, contexts, scale, sliding_window
     )
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
@@ -154,10 +169,27 @@ def test_paged_prefill_attention(device, dtype, heads, sliding_window):
 def test_kernels_compile_for_nvidia_gpus():
     """Every kernel variant compiles to a cubin for sm_80 and sm_90 (no GPU needed; it runs in
     its own process, since this one interprets kernels)."""
-    script = Path(__file__).with_name("compile_kernels_for_cuda.py")
+    _run_compile_script()
+
+
+def test_compiled_variants_do_not_follow_the_longest_sequence():
+    """Twelve steps whose longest sequence runs from 100 to 5,000 tokens compile each kernel a
+    bounded number of times (13 compiles before lengths stopped being specialized on): one
+    variant of the store and prefill kernels, two of decode (split-K or not), and one merge per
+    power of two of partitions (2, 4, 8, 16 here: at most 9 up to a 128k context)."""
+    counts = json.loads(_run_compile_script("--count-variants").splitlines()[-1])
+    assert counts == {
+        "_decode_kernel": 2, "_merge_partitions_kernel": 4, "_prefill_kernel": 1,
+        "_store_kv_kernel": 1,
+    }
+
+
+def _run_compile_script(*args: str) -> str:
+    """Run compile_kernels_for_cuda.py in a process that compiles kernels; its stdout."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-        check=False,
+        [sys.executable, str(COMPILE_SCRIPT), *args], env=env, capture_output=True, text=True,
+        timeout=600, check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    return result.stdout

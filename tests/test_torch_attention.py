@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batch_layouts import layout_from_pieces
 
 from pagoda.backend.attention import BatchLayout, TorchAttentionBackend
 from pagoda.kernels import paged_decode_attention_reference, paged_prefill_attention_reference
@@ -39,18 +40,7 @@ def _step() -> tuple[BatchLayout, list[int]]:
         (fresh(3), 0, 37),  # a whole prompt
         (cached_prefix + fresh(1), 2 * BLOCK_SIZE + 2, 1),
     ]
-    starts, slots = [0], []
-    for table, context, new in pieces:
-        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                  for p in range(context, context + new)]
-        starts.append(starts[-1] + new)
-    layout = BatchLayout(
-        query_start_loc=starts,
-        context_lens=[context for _, context, _ in pieces],
-        block_tables=[table for table, _, _ in pieces],
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
-        block_size=BLOCK_SIZE,
-    )
+    layout = layout_from_pieces(pieces, BLOCK_SIZE)
     return layout, [i for i, (_, _, new) in enumerate(pieces) if new == 1]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton_devices
+from batch_layouts import layout_from_pieces
 
 from pagoda.backend import LLM, SamplingParams
 from pagoda.backend.attention import (
@@ -31,21 +32,12 @@ def device(request) -> torch.device:
 def _layout(pieces: list[tuple[int, int]], device: torch.device) -> BatchLayout:
     """A step feeding (context, new tokens) per sequence, its blocks spread over the cache."""
     ids = torch.randperm(NUM_BLOCKS).tolist()
-    tables, slots, starts = [], [], [0]
+    with_tables = []
     for context, new in pieces:
         count = -(-(context + new) // BLOCK_SIZE)
         table, ids = ids[:count], ids[count:]
-        tables.append(table)
-        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                  for p in range(context, context + new)]
-        starts.append(starts[-1] + new)
-    return BatchLayout(
-        query_start_loc=starts,
-        context_lens=[context for context, _ in pieces],
-        block_tables=tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        block_size=BLOCK_SIZE,
-    )
+        with_tables.append((table, context, new))
+    return layout_from_pieces(with_tables, BLOCK_SIZE, device)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 24])

@@ -30,7 +30,9 @@ from pagoda.kernels.triton import (
 class TritonAttentionMetadata(AttentionMetadata):
     layout: BatchLayout
     sliding_window: int | None
-    max_seq_len: int
+    # Sizes the decode launch (partitions of the longest decoding context); a runtime size, not
+    # a compile-time constant, so a new maximum every step compiles nothing new.
+    decode_max_seq_len: int
     # The whole batch, int32: what the prefill kernel indexes by sequence.
     block_tables: torch.Tensor  # [num_seqs, max_blocks]
     query_start_loc: torch.Tensor  # [num_seqs + 1]
@@ -77,7 +79,7 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonAttentionMetadata(
             layout=layout,
             sliding_window=sliding_window,
-            max_seq_len=max(seq_lens),
+            decode_max_seq_len=max((seq_lens[i] for i in decodes), default=0),
             block_tables=_int32(tables, device),
             query_start_loc=_int32(layout.query_start_loc, device),
             context_lens=_int32(layout.context_lens, device),
@@ -114,7 +116,7 @@ class TritonAttentionBackend(AttentionBackend):
             query, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc,
             metadata.context_lens, scale,
             tiles=metadata.prefill_tiles(tokens_per_tile(num_heads, num_kv_heads)),
-            max_seq_len=metadata.max_seq_len, sliding_window=metadata.sliding_window, out=output,
+            sliding_window=metadata.sliding_window, out=output,
         )
         return output
 
@@ -142,7 +144,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         return paged_decode_attention_triton(
             query, key_cache, value_cache, metadata.decode_block_tables, metadata.decode_seq_lens,
-            scale, max_seq_len=metadata.max_seq_len, sliding_window=metadata.sliding_window,
+            scale, max_seq_len=metadata.decode_max_seq_len, sliding_window=metadata.sliding_window,
         )
 
 

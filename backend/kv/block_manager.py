@@ -192,7 +192,7 @@ class BlockManager:
         for table in self.block_tables.values():
             for block in table:
                 references[block.block_id] = references.get(block.block_id, 0) + 1
-        for block in self.pool.blocks:
+        for block in self.pool.blocks.created:  # never-created blocks have no owner
             assert block.ref_count == references.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_count {block.ref_count}, "
                 f"held by {references.get(block.block_id, 0)} tables"

@@ -25,16 +25,24 @@ def bytes_per_block(
 
 
 def choose_num_blocks(
-    config: EngineConfig, block_bytes: int, device: torch.device, model_max_len: int
+    config: EngineConfig,
+    block_bytes: int,
+    device: torch.device,
+    model_max_len: int,
+    profiled_budget: int | None = None,
 ) -> int:
     """num_kv_blocks when given; otherwise as many blocks as the memory budget holds: the
-    kv_cache_memory_bytes flag, gpu_memory_utilization of the free memory on CUDA, or on CPU
-    default_cpu_kv_budget."""
+    kv_cache_memory_bytes flag; on CUDA the budget a profiling step left
+    (`pagoda.backend.memory_profile`), or without one gpu_memory_utilization of the free memory,
+    which leaves a step's activations unbudgeted; on CPU default_cpu_kv_budget."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes
+    elif device.type == "cuda" and profiled_budget is not None:
+        budget = profiled_budget
     elif device.type == "cuda":
+        logger.warning("sizing the KV cache without a memory profile: activations not budgeted")
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = int(free_bytes * config.gpu_memory_utilization)
     else:

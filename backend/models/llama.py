@@ -40,32 +40,65 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin per position, precomputed in float32 for every position the model can see."""
+    """cos/sin per position, precomputed in float32 for every position the model can see.
+
+    The tables are non-persistent buffers built on the default device (a `torch.device` context
+    or `set_default_device`), so they sit with the weights and move with `.to()`. A model built on
+    the meta device gets storage from `to_empty`, which leaves buffers uninitialized: call
+    `reset_buffers` (see `materialize`) to compute them on their new device.
+    """
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         rope = dict(config.rope_parameters or {})
-        rope_type = rope.get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
+        self.rope_type = rope.get("rope_type", "default")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"rope_type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+                f"rope_type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
             )
-        if rope_type == "default":
-            inv_freq = 1.0 / (
-                rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
-            )
+        self.config = config
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        cos, sin = self._tables(torch.get_default_device())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute cos and sin in place, on the device the buffers are on now."""
+        cos, sin = self._tables(self.cos.device)
+        with torch.no_grad():
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def _tables(self, device: torch.device) -> RotaryAngles:
+        # NOTE: ROPE_INIT_FUNCTIONS ignore the default device and use the one they are given;
+        # every tensor here must be made on `device`, or a CUDA model mixes in CPU tensors.
+        if self.rope_type == "default":
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device)
+            theta = self.config.rope_parameters["rope_theta"]
+            inv_freq = 1.0 / (theta ** (exponents / self.head_dim))
             scaling = 1.0
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        positions = torch.arange(self.max_positions, dtype=torch.float, device=device)
+        freqs = positions[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", angles.cos() * scaling, persistent=False)
-        self.register_buffer("sin", angles.sin() * scaling, persistent=False)
+        return angles.cos() * scaling, angles.sin() * scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
         """cos and sin of every token's position, [num_tokens, 1, head_dim]; looked up once per
         step and shared by all layers."""
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Give a model built on the meta device storage on `device`: parameters uninitialized (for
+    `load_weights` to fill), computed buffers (rotary tables) recomputed there."""
+    model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+    return model
 
 
 def apply_rotary(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
@@ -161,6 +194,11 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.sliding_window = _sliding_window(config)
+
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        """The backend every layer attends with (prepare its metadata with this one)."""
+        return self.layers[0].self_attn.backend
 
     @property
     def kv_shape(self) -> tuple[int, int, int]:

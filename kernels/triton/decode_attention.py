@@ -14,7 +14,12 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.triton.kv_tile import load_kv_tile
-from pagoda.kernels.triton.launch import dot_dtype, require_same_layout, require_unit_stride
+from pagoda.kernels.triton.launch import (
+    dot_dtype,
+    require_same_layout,
+    require_unit_stride,
+    window_size,
+)
 
 DEFAULT_PARTITION_SIZE = 512
 # Keys per loop iteration.
@@ -23,7 +28,9 @@ BLOCK_KEYS = 64
 MIN_DOT_SIZE = 16
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized on (Triton would otherwise compile
+# a variant for values equal to 1 or divisible by 16).
+@triton.jit(do_not_specialize=["num_partitions", "stride_table_seq"])
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
@@ -34,7 +41,9 @@ def _decode_kernel(
     BLOCK_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
     SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    # NOTE: int64 before any product with a runtime size: partial-result offsets reach
+    # num_seqs * num_heads * num_partitions * head_dim, past 2^31 for big batches of long contexts.
+    seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     partition = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -60,7 +69,7 @@ def _decode_kernel(
     running_max = tl.full([BLOCK_GROUP], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_GROUP], tl.float32)
     acc = tl.zeros([BLOCK_GROUP, BLOCK_DIM], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_table_seq
+    table = block_tables_ptr + seq * stride_table_seq
     for tile_start in range(start, end, BLOCK_N):
         keys_pos = tile_start + tl.arange(0, BLOCK_N)
         key_mask = keys_pos < end
@@ -95,14 +104,14 @@ def _decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions"])
 def _merge_partitions_kernel(
     out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr, seq_lens_ptr,
     window, num_heads, num_partitions, stride_out_seq, stride_out_head,
     HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_PARTITIONS: tl.constexpr,
     PARTITION_SIZE: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)  # int64 offsets, as in _decode_kernel
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     first_key = tl.maximum(seq_len - window, 0)
@@ -142,8 +151,11 @@ def paged_decode_attention_triton(
     """Same contract as `paged_decode_attention_reference`.
 
     block_tables [num_seqs, max_blocks] and seq_lens [num_seqs] are int32 on the query's device;
-    max_seq_len (at least max(seq_lens)) sizes the launch without reading seq_lens back. Contexts
-    longer than `partition_size` are split into partitions attended in parallel, then merged.
+    max_seq_len (at least max(seq_lens)) sizes the launch without reading seq_lens back; it is a
+    runtime size (programs past a sequence's end return at once), so a caller that needs a fixed
+    launch (a CUDA graph) passes max_model_len. Contexts longer than `partition_size` are split
+    into partitions attended in parallel, then merged; the merge compiles once per power of two
+    of partitions.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -155,8 +167,7 @@ def paged_decode_attention_triton(
     group_size = num_heads // num_kv_heads
     num_partitions = triton.cdiv(max_seq_len, partition_size)
     split = num_partitions > 1
-    # Without a window every key is visible: a window as long as the longest sequence.
-    window = sliding_window or max_seq_len
+    window = window_size(sliding_window)
     partial_shape = (num_seqs, num_heads, num_partitions) if split else (0,)
     partial_max = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
     partial_sum = torch.empty_like(partial_max)

@@ -12,6 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+# The window the kernels get without a sliding window: wider than any context, so every earlier
+# key is visible. A constant rather than the batch's longest sequence, which changes every step
+# and would make Triton specialize (and compile) kernels anew for its value.
+NO_SLIDING_WINDOW = 1 << 30
+
 _TL_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.float32: tl.float32,
     torch.float16: tl.float16,
@@ -22,6 +27,11 @@ _TL_DTYPES: dict[torch.dtype, tl.dtype] = {
 def interpreting() -> bool:
     """Whether this process runs Triton kernels under the interpreter."""
     return bool(triton.knobs.runtime.interpret)
+
+
+def window_size(sliding_window: int | None) -> int:
+    """The window argument of the attention kernels: the model's, or NO_SLIDING_WINDOW."""
+    return NO_SLIDING_WINDOW if sliding_window is None else sliding_window
 
 
 def dot_dtype(cache: torch.Tensor) -> tl.dtype:

@@ -16,7 +16,12 @@ import triton
 import triton.language as tl
 
 from pagoda.kernels.triton.kv_tile import load_kv_tile
-from pagoda.kernels.triton.launch import dot_dtype, require_same_layout, require_unit_stride
+from pagoda.kernels.triton.launch import (
+    dot_dtype,
+    require_same_layout,
+    require_unit_stride,
+    window_size,
+)
 
 # Rows (token x head pairs) per program, and keys per loop iteration.
 BLOCK_ROWS = 64
@@ -65,7 +70,8 @@ def _block_group(group_size: int) -> int:
     return triton.next_power_of_2(group_size)
 
 
-@triton.jit
+# The block tables' row stride is the step's widest table: not specialized on (see decode).
+@triton.jit(do_not_specialize=["stride_table_seq"])
 def _prefill_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, context_lens_ptr, tile_seq_ptr, tile_start_ptr,
@@ -152,16 +158,14 @@ def paged_prefill_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     tiles: PrefillTiles,
-    max_seq_len: int,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_prefill_attention_reference`, for the sequences `tiles` covers.
 
     block_tables [num_seqs, max_blocks], query_start_loc [num_seqs + 1] and context_lens
-    [num_seqs] are int32 on the query's device; max_seq_len is at least the longest sequence
-    (context plus new tokens). Writes the covered sequences' rows of `out` (a new tensor when
-    None) and returns it; other rows are left as they were.
+    [num_seqs] are int32 on the query's device. Writes the covered sequences' rows of `out` (a
+    new tensor when None) and returns it; other rows are left as they were.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key_cache.shape[2]
@@ -177,7 +181,7 @@ def paged_prefill_attention_triton(
     _prefill_kernel[(tiles.seq_index.numel(), num_kv_heads)](
         query, key_cache, value_cache, out,
         block_tables, query_start_loc, context_lens, tiles.seq_index, tiles.token_start,
-        scale, sliding_window or max_seq_len, key_cache.shape[1],
+        scale, window_size(sliding_window), key_cache.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP_SIZE=group_size, BLOCK_GROUP=_block_group(group_size),

@@ -1,0 +1,94 @@
+"""Rotary tables follow the model's device: built on the meta device and materialized, a model
+gives the same outputs as one built normally, for every rope type the loader supports; on CUDA
+(gpu marker) the model builds and runs where its weights are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from pagoda.backend.attention import BatchLayout, TorchAttentionBackend
+from pagoda.backend.kv.cache_tensors import allocate_kv_cache
+from pagoda.backend.models import build_model
+from pagoda.backend.models.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, materialize
+
+MAX_POSITIONS = 512
+BLOCK_SIZE = 16
+ROPE_SCALINGS = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+}
+
+
+def test_every_supported_rope_type_is_covered():
+    assert set(ROPE_SCALINGS) == set(SUPPORTED_ROPE_TYPES)
+
+
+def _config(rope_type: str) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+        rope_scaling=ROPE_SCALINGS[rope_type], architectures=["LlamaForCausalLM"],
+    )
+
+
+def _forward(model: LlamaForCausalLM, device: torch.device) -> torch.Tensor:
+    """Hidden states of one 40-token prompt placed at positions 300.. (past the original
+    context of the scaled rope types), then one decode step."""
+    num_layers, num_kv_heads, head_dim = model.kv_shape
+    kv_caches = allocate_kv_cache(num_layers, 32, BLOCK_SIZE, num_kv_heads, head_dim,
+                                  torch.float32, device)
+    backend = TorchAttentionBackend()
+    generator = torch.Generator().manual_seed(0)
+    table = list(range(32))
+    outputs = []
+    for context, new in ((300, 40), (340, 1)):
+        positions = torch.arange(context, context + new, device=device)
+        layout = BatchLayout(
+            query_start_loc=[0, new], context_lens=[context], block_tables=[table],
+            slot_mapping=positions.clone(), block_size=BLOCK_SIZE,
+        )
+        input_ids = torch.randint(0, 128, (new,), generator=generator).to(device)
+        metadata = backend.prepare(layout, device, model.sliding_window)
+        outputs.append(model(input_ids, positions, kv_caches, metadata))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_SCALINGS))
+def test_a_model_built_on_meta_and_materialized_matches_one_built_normally(rope_type):
+    config = _config(rope_type)
+    torch.manual_seed(0)
+    reference = build_model(config, TorchAttentionBackend(), MAX_POSITIONS).eval()
+    with torch.device("meta"):
+        lazy = build_model(config, TorchAttentionBackend(), MAX_POSITIONS)
+    assert lazy.rotary.cos.device.type == "meta"
+    materialize(lazy, "cpu").eval()
+    lazy.load_state_dict(reference.state_dict())
+    assert torch.equal(lazy.rotary.cos, reference.rotary.cos)
+    assert torch.equal(lazy.rotary.sin, reference.rotary.sin)
+    with torch.inference_mode():
+        assert torch.equal(_forward(lazy, torch.device("cpu")),
+                           _forward(reference, torch.device("cpu")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope_type", list(ROPE_SCALINGS))
+def test_a_model_built_on_cuda_runs_there_like_on_cpu(rope_type):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = _config(rope_type)
+    torch.manual_seed(0)
+    reference = build_model(config, TorchAttentionBackend(), MAX_POSITIONS).eval()
+    cuda = torch.device("cuda")
+    with cuda:
+        on_gpu = build_model(config, TorchAttentionBackend(), MAX_POSITIONS).eval()
+    on_gpu.load_state_dict(reference.state_dict())
+    assert on_gpu.rotary.cos.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.rotary.cos.cpu(), reference.rotary.cos, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(_forward(on_gpu, cuda).cpu(),
+                                   _forward(reference, torch.device("cpu")), atol=1e-4, rtol=1e-4)

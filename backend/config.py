@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagoda.backend.structured.manager import BACKENDS, DEFAULT_BACKEND
+
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -42,6 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     allow_pickle_weights: bool = False
     trust_remote_code: bool = False
+    structured_outputs_backend: str = DEFAULT_BACKEND
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -53,6 +56,11 @@ class EngineConfig:
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
+        if self.structured_outputs_backend not in BACKENDS:
+            raise ValueError(
+                f"structured_outputs_backend must be one of {sorted(BACKENDS)}, "
+                f"got {self.structured_outputs_backend!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -44,6 +44,7 @@ from pagoda.backend.sampler import Sampler
 from pagoda.backend.sampling_params import SamplingParams
 from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
+from pagoda.backend.structured import CompiledGrammar, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class LLMEngine:
             self.device,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputs(
+            config.structured_outputs_backend, self.tokenizer, hf_config.vocab_size,
+            self.eos_token_ids,
+        )
         self.requests: dict[str, SequenceGroup] = {}
         # Test hook: called with each scheduled request before every forward; whatever it raises
         # is a failure of the model on that request (see _isolate_failure). None in production,
@@ -127,8 +132,8 @@ class LLMEngine:
     ) -> None:
         """Queue a request. Raises a RequestRejected naming the field for a request that can never
         run (empty or over-long prompt, token ids outside the vocabulary, duplicate id, more
-        samples than a step runs, more KV blocks than the whole cache), before anything of it is
-        queued or allocated."""
+        samples than a step runs, more KV blocks than the whole cache, a structured-outputs spec
+        that does not compile), before anything of it is queued or allocated."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"request_id {request_id!r} is already in use")
@@ -142,12 +147,20 @@ class LLMEngine:
             )
         prompt_text, prompt_ids = self._encode(prompt)
         self._check_token_ids(prompt_ids, params)
+        # A cache hit when the caller compiled it first (EngineClient.generate does).
+        grammar = (
+            self.structured.compile(params.structured_outputs)
+            if params.structured_outputs is not None else None
+        )
         group = SequenceGroup(
             request_id=request_id,
             prompt=prompt_text,
             prompt_token_ids=prompt_ids,
             params=params,
-            seqs=[self._new_sequence(prompt_ids, params, i) for i in range(params.num_sequences)],
+            seqs=[
+                self._new_sequence(prompt_ids, params, i, grammar)
+                for i in range(params.num_sequences)
+            ],
             metrics=RequestMetrics(arrival_time or time.monotonic()),
             want_logprobs=params.logprobs is not None and not params.use_beam_search,
             beam=self._beam_state(params, len(prompt_ids)),
@@ -162,8 +175,10 @@ class LLMEngine:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """A conversation as prompt text, through the model's (or the given) chat template."""
+        """A conversation as prompt text, through the model's (or the given) chat template;
+        `tools` (OpenAI tool definitions) are the template's `tools` variable."""
         if chat_template is None and not self.tokenizer.chat_template:
             raise InvalidParameter(
                 "chat_template", "this model has no chat template; pass chat_template"
@@ -173,6 +188,7 @@ class LLMEngine:
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
+            tools=tools,
             **(chat_template_kwargs or {}),
         )
 
@@ -217,7 +233,10 @@ class LLMEngine:
             ),
         )
 
-    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams, index: int) -> Sequence:
+    def _new_sequence(
+        self, prompt_ids: list[int], params: SamplingParams, index: int,
+        grammar: CompiledGrammar | None,
+    ) -> Sequence:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             prompt_ids,
@@ -232,6 +251,8 @@ class LLMEngine:
             num_prompt_tokens=len(prompt_ids),
             seed=sample_seed(params.seed, index),
             detokenizer=detokenizer,
+            # Each sample walks the grammar on its own, from the start.
+            grammar=grammar.matcher() if grammar is not None else None,
         )
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -18,6 +18,7 @@ from pagoda.backend.attention import BatchLayout
 from pagoda.backend.kv.block_manager import BlockManager
 from pagoda.backend.sampler import SamplingRow
 from pagoda.backend.scheduler import SchedulerOutput
+from pagoda.backend.structured import GrammarMatcher, fill_bitmasks
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ def build_model_input(
     block_tables: list[list[int]] = []
     logits_indices: list[int] = []
     sampling_rows: list[SamplingRow] = []
+    grammars: list[tuple[SamplingRow, GrammarMatcher]] = []
     for item in scheduler_output.scheduled:
         seq, group = item.seq, item.group
         start = seq.num_computed_tokens
@@ -74,6 +76,13 @@ def build_model_input(
                 output_token_ids=sample.output_token_ids,
                 seed=sample.seed,
             ))
+            if sample.grammar is not None:
+                grammars.append((sampling_rows[-1], sample.grammar))
+    if grammars:
+        # Filled here, on the host, from the matchers' state after the previous step's tokens.
+        bitmask = fill_bitmasks([matcher for _, matcher in grammars])
+        for index, (row, _) in enumerate(grammars):
+            row.token_bitmask = bitmask[index]
     layout = BatchLayout(
         query_start_loc=query_start_loc,
         context_lens=context_lens,

@@ -4,10 +4,11 @@ branches on beam search).
 
 Contract: every operation is row-wise, so a row's token depends only on its own logits, its
 SamplingRow and (for unseeded rows) the sampler's shared generator, never on its neighbours in
-the batch. Processing runs in float32 on the logits' device, in vLLM's order: logit_bias ->
-min_tokens -> repetition penalty -> presence/frequency penalties -> greedy argmax, or
-temperature -> min_p -> top_k -> top_p -> sampling. Reported logprobs, ranks and top logprobs
-are those of the raw logits, before any of that processing (as OpenAI and vLLM report them).
+the batch. Processing runs in float32 on the logits' device, in vLLM's order: grammar bitmask
+(structured outputs) -> logit_bias -> min_tokens -> repetition penalty -> presence/frequency
+penalties -> greedy argmax, or temperature -> min_p -> top_k -> top_p -> sampling. Reported
+logprobs, ranks and top logprobs are those of the raw logits, before any of that processing (as
+OpenAI reports them; vLLM v1 masks the grammar before it computes logprobs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pagoda.backend.logits_processing import (
     apply_repetition_penalty,
     float32_tensor,
 )
+from pagoda.backend.structured import apply_token_bitmask
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
@@ -38,6 +40,9 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far by this sequence
     seed: int | None  # effective seed of this sequence (None: the sampler's shared generator)
+    # Structured outputs: the tokens its grammar allows next ([words] int32 on the host, see
+    # backend/structured/grammar.py); None when the sequence is unconstrained.
+    token_bitmask: torch.Tensor | None = None
 
 
 class Sampler:
@@ -100,10 +105,12 @@ class Sampler:
         return candidates
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Returns a new float32 tensor: logits with logit_bias, min_tokens and the repetition,
-        presence and frequency penalties applied; temperature and truncation are not.
-        Token ids at or beyond the vocabulary in logit_bias or stop_token_ids are ignored."""
+        """Returns a new float32 tensor: logits with the grammar bitmasks, logit_bias, min_tokens
+        and the repetition, presence and frequency penalties applied; temperature and truncation
+        are not. Token ids at or beyond the vocabulary in logit_bias or stop_token_ids are
+        ignored."""
         processed = logits.to(torch.float32, copy=True)
+        _apply_grammar_bitmasks(processed, rows)
         apply_logit_bias(processed, rows)
         apply_min_tokens(processed, rows, self.eos_token_ids)
         apply_repetition_penalty(processed, rows)
@@ -193,9 +200,23 @@ def _needs_processing(row: SamplingRow) -> bool:
     """Whether process_logits would change this row's logits."""
     params = row.params
     return (
-        bool(params.logit_bias)
+        row.token_bitmask is not None
+        or bool(params.logit_bias)
         or params.needs_penalties
         or len(row.output_token_ids) < params.min_tokens
+    )
+
+
+def _apply_grammar_bitmasks(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Masks, in place, the tokens each constrained row's grammar forbids: one batched pass
+    over those rows, their bitmasks moved to the device in one transfer."""
+    constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+    if not constrained:
+        return
+    bitmask = torch.stack([rows[i].token_bitmask for i in constrained])
+    apply_token_bitmask(
+        logits, torch.tensor(constrained, device=logits.device),
+        bitmask.to(logits.device, non_blocking=True),
     )
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import fields
 
 from pagoda.backend.config import EngineConfig
+from pagoda.backend.structured import BACKENDS, DEFAULT_BACKEND
 
 MODEL_ENV = "PAGODA_MODEL"
 
@@ -35,6 +36,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-pickle-weights", action="store_true",
                        help="allow loading pickle (.bin) weights, which can run arbitrary code")
     group.add_argument("--trust-remote-code", action="store_true")
+    group.add_argument("--structured-outputs-backend", default=DEFAULT_BACKEND,
+                       choices=sorted(BACKENDS),
+                       help="grammar engine for response_format, tool_choice and guided_* "
+                            "(guidance and llguidance name the same one)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

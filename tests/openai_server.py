@@ -6,12 +6,14 @@ fixture checks that no request and no KV block was leaked.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -58,6 +60,16 @@ def wait_until_healthy(base_url: str, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="session")
 def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
+    # Tool calls with tool_choice "auto" are read as the demo template writes them.
+    with running_server(demo_model_dir, enable_auto_tool_choice=True,
+                        tool_call_parser="hermes") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_server(demo_model_dir: Path, **settings_overrides: Any) -> Iterator[RunningServer]:
+    """A server on the demo model with these ServerSettings; on leaving, checks that no request
+    and no KV block was left behind."""
     import uvicorn
 
     from pagoda.adapters.openai import ServerSettings, create_app
@@ -73,7 +85,7 @@ def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
     client.start()
     settings = ServerSettings(
         port=free_port(), served_model_names=[MODEL_NAME], api_key=API_KEY,
-        max_request_bytes=MAX_REQUEST_BYTES, uvicorn_log_level="warning",
+        max_request_bytes=MAX_REQUEST_BYTES, uvicorn_log_level="warning", **settings_overrides,
     )
     server = uvicorn.Server(uvicorn.Config(
         create_app(client, settings), host="127.0.0.1", port=settings.port,

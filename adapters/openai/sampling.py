@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pagoda.adapters.openai.errors import OpenAIError, engine_error, invalid_param
+from pagoda.adapters.openai.errors import engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
+from pagoda.adapters.openai.structured import structured_outputs_of
 from pagoda.backend.errors import InvalidParameter
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.backend.structured import StructuredOutputsParams
 
 # Request fields that SamplingParams takes under the same name.
 _PASSED_THROUGH = (
@@ -22,11 +24,19 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     param_names: dict[str, str],
+    forced_tool_call: StructuredOutputsParams | None = None,
+    skip_special_tokens: bool | None = None,
 ) -> SamplingParams:
     """max_tokens and logprobs come resolved (their request fields differ between endpoints);
-    `param_names` maps a SamplingParams field to the request field an error should name."""
-    _check_response_format(request)
+    `param_names` maps a SamplingParams field to the request field an error should name, and
+    gets the field that constrains the output (see structured.py). A tool parser that reads
+    special tokens overrides skip_special_tokens."""
     values = {name: getattr(request, name) for name in _PASSED_THROUGH}
+    values["structured_outputs"], param_names["structured_outputs"] = structured_outputs_of(
+        request, forced_tool_call
+    )
+    if skip_special_tokens is not None:
+        values["skip_special_tokens"] = skip_special_tokens
     if request.use_beam_search and request.temperature is None:
         # Beam search ranks by log-probability; OpenAI's default temperature of 1 is for sampling.
         values["temperature"] = 0.0
@@ -49,16 +59,6 @@ def check_streamable(request: SamplingRequest, params: SamplingParams) -> None:
     """Samples beyond n are dropped only when all are done, so their text cannot be streamed."""
     if request.stream and params.num_sequences > params.n and not params.use_beam_search:
         raise invalid_param("best_of greater than n is not supported with stream", "best_of")
-
-
-def _check_response_format(request: SamplingRequest) -> None:
-    response_format = request.response_format
-    if response_format is not None and response_format.type != "text":
-        raise OpenAIError(
-            400,
-            f"response_format type {response_format.type!r} is not supported; only 'text' is",
-            param="response_format",
-        )
 
 
 def _logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -42,15 +42,16 @@ class CompletionsEndpoint(GenerationEndpoint):
             raise invalid_param(
                 "echo with logprobs is not supported: prompt logprobs are not computed", "echo"
             )
+        param_names: dict[str, str] = {}
         params = build_sampling_params(
             request,
             max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
             logprobs=logprobs,
-            param_names={},
+            param_names=param_names,
         )
         check_streamable(request, params)
         return Job(
-            request=request, model=model, prompts=prompts, params=params, param_names={},
+            request=request, model=model, prompts=prompts, params=params, param_names=param_names,
             include_usage=include_usage(request, self.state.settings.enable_force_include_usage),
             request_id=self.new_request_id(),
         )

@@ -30,11 +30,13 @@ class LLGuidanceMatcher(GrammarMatcher):
         self._terminated = False
 
     def accept_token(self, token_id: int) -> bool:
-        if not self._matcher.consume_token(token_id):
-            return False
-        # llguidance stops accepting once complete; a stop token after that ends the sequence.
-        self._terminated = token_id in self._stop_token_ids and self._matcher.is_stopped()
-        return True
+        if token_id in self._stop_token_ids:
+            # Allowed once the grammar is complete, and then it ends the sequence.
+            self._terminated = self._matcher.is_accepting() and self._matcher.consume_token(token_id)
+            return self._terminated
+        # NOTE: consume_token would put the matcher in an error state for good on a refused
+        # token; try_consume_tokens refuses it and leaves the matcher as it was.
+        return self._matcher.try_consume_tokens([token_id]) == 1
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)

@@ -213,11 +213,14 @@ def _apply_grammar_bitmasks(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
     constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
     if not constrained:
         return
-    bitmask = torch.stack([rows[i].token_bitmask for i in constrained])
-    apply_token_bitmask(
-        logits, torch.tensor(constrained, device=logits.device),
-        bitmask.to(logits.device, non_blocking=True),
-    )
+    masks = torch.stack([rows[i].token_bitmask for i in constrained])
+    if len(constrained) == len(rows):
+        apply_token_bitmask(logits, masks.to(logits.device, non_blocking=True))
+        return
+    # Rows in batch order; the unconstrained ones' are never read.
+    bitmask = torch.empty(len(rows), masks.shape[1], dtype=torch.int32)
+    bitmask[constrained] = masks
+    apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), constrained)
 
 
 def _effective_top_k(top_k: int, vocab_size: int) -> int:

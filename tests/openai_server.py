@@ -21,6 +21,7 @@ import pytest
 API_KEY = "test-key"
 MODEL_NAME = "pagoda-test"
 MAX_MODEL_LEN = 512
+TOOLS_MAX_MODEL_LEN = 2048
 MAX_REQUEST_BYTES = 256 * 1024
 
 
@@ -38,6 +39,16 @@ class RunningServer:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+    def tokenize(self, messages: list[dict[str, Any]], **fields: Any) -> str:
+        """The prompt the server renders for `messages` (through /tokenize and /detokenize)."""
+        body = {"messages": messages, **fields}
+        tokens = httpx.post(f"{self.base_url}/tokenize", json=body, headers=self.headers)
+        tokens.raise_for_status()
+        text = httpx.post(f"{self.base_url}/detokenize", json={"tokens": tokens.json()["tokens"]},
+                          headers=self.headers)
+        text.raise_for_status()
+        return text.json()["prompt"]
 
 
 def free_port() -> int:
@@ -60,14 +71,24 @@ def wait_until_healthy(base_url: str, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="session")
 def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
-    # Tool calls with tool_choice "auto" are read as the demo template writes them.
-    with running_server(demo_model_dir, enable_auto_tool_choice=True,
+    with running_server(demo_model_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tools_server(demo_model_dir: Path) -> Iterator[RunningServer]:
+    """For tool calling: tool_choice "auto" read as the demo template writes calls (hermes), and
+    room for the tool definitions the template lists (the demo tokenizer spends many tokens on
+    JSON)."""
+    with running_server(demo_model_dir, TOOLS_MAX_MODEL_LEN, enable_auto_tool_choice=True,
                         tool_call_parser="hermes") as server:
         yield server
 
 
 @contextlib.contextmanager
-def running_server(demo_model_dir: Path, **settings_overrides: Any) -> Iterator[RunningServer]:
+def running_server(
+    demo_model_dir: Path, max_model_len: int = MAX_MODEL_LEN, **settings_overrides: Any
+) -> Iterator[RunningServer]:
     """A server on the demo model with these ServerSettings; on leaving, checks that no request
     and no KV block was left behind."""
     import uvicorn
@@ -79,7 +100,7 @@ def running_server(demo_model_dir: Path, **settings_overrides: Any) -> Iterator[
 
     engine = AsyncEngine(LLMEngine(EngineConfig(
         model=str(demo_model_dir), dtype="float32", device="cpu", num_kv_blocks=512,
-        max_model_len=MAX_MODEL_LEN,
+        max_model_len=max_model_len,
     )))
     client = EngineClient(engine)
     client.start()

@@ -4,6 +4,7 @@ seeded, n > 1, streamed, preempted) on the demo model. Every test ends with no l
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import jsonschema
 import pytest
@@ -37,15 +38,15 @@ PROMPT = "Give me the forecast as JSON:"
 
 
 @pytest.fixture(scope="module")
-def llm(demo_model_dir) -> LLM:
+def shared_llm(demo_model_dir) -> LLM:
     return LLM(str(demo_model_dir), num_kv_blocks=256, max_num_batched_tokens=256)
 
 
-@pytest.fixture(autouse=True)
-def no_leaks(request):
-    yield
-    if "llm" in request.fixturenames:
-        request.getfixturevalue("llm").engine.check_no_leaks()
+@pytest.fixture
+def llm(shared_llm: LLM) -> Iterator[LLM]:
+    """The module's engine, checked for leaks after each test."""
+    yield shared_llm
+    shared_llm.engine.check_no_leaks()
 
 
 @pytest.fixture(scope="module")
@@ -60,39 +61,48 @@ def allowed_tokens(bitmask_row: torch.Tensor, vocab_size: int) -> set[int]:
 def test_bitmask_masks_exactly_the_disallowed_tokens():
     vocab_size = 100  # not a multiple of 32: the last word is partly padding
     generator = torch.Generator().manual_seed(0)
-    allowed = [set(torch.randperm(vocab_size, generator=generator)[:k].tolist()) for k in (1, 37, 99)]
-    bitmask = torch.zeros(len(allowed), 4, dtype=torch.int32)
-    for row, tokens in enumerate(allowed):
+    allowed = [set(torch.randperm(vocab_size, generator=generator)[:k].tolist())
+               for k in (1, 37, 99)]
+    rows = [0, 2, 4]  # rows 1 and 3 are unconstrained: their bitmask rows are garbage
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 4), dtype=torch.int32, generator=generator)
+    for row, tokens in zip(rows, allowed):
+        bitmask[row] = 0
         for token in tokens:
             word = int(bitmask[row, token // 32]) | (1 << (token % 32))
             bitmask[row, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
     logits = torch.randn(5, vocab_size, generator=generator)
     masked = logits.clone()
-    rows = torch.tensor([0, 2, 4])  # rows 1 and 3 are unconstrained
-    apply_token_bitmask(masked, rows, bitmask)
+    apply_token_bitmask(masked, bitmask, rows)
     for row in (1, 3):
         assert torch.equal(masked[row], logits[row])
-    for index, row in enumerate(rows.tolist()):
+    for row, tokens in zip(rows, allowed):
         kept = {t for t in range(vocab_size) if masked[row, t] != float("-inf")}
-        assert kept == allowed[index]
+        assert kept == tokens
         assert torch.equal(masked[row, sorted(kept)], logits[row, sorted(kept)])
+    everything = logits.clone()
+    apply_token_bitmask(everything, bitmask)  # no rows: all of them
+    assert torch.equal(everything[rows], masked[rows])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matcher_advances_and_terminates(backend, tokenizer):
-    structured = StructuredOutputs(backend, tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    # A model's vocabulary may be larger than its tokenizer's: the ids past it are never allowed.
+    vocab_size = len(tokenizer) + 64
+    structured = StructuredOutputs(backend, tokenizer, vocab_size, [tokenizer.eos_token_id])
     compiled = structured.compile(StructuredOutputsParams(choice=["yes", "no"]))
     assert structured.compile(StructuredOutputsParams(choice=["yes", "no"])) is compiled
     assert structured.num_compiled == 1
     matcher = compiled.matcher()
-    allowed = allowed_tokens(fill_bitmasks([matcher])[0], len(tokenizer))
+    assert fill_bitmasks([matcher]).shape == (1, vocab_size // 32)
+    allowed = allowed_tokens(fill_bitmasks([matcher])[0], vocab_size)
+    assert max(allowed) < len(tokenizer)
     assert tokenizer.convert_tokens_to_ids("y") in allowed
     assert tokenizer.eos_token_id not in allowed
     assert not matcher.accept_token(tokenizer.convert_tokens_to_ids("x"))  # refused, no change
     for token in tokenizer.convert_tokens_to_ids(["y", "e", "s"]):
         assert matcher.accept_token(token)
     # Complete: only the stop token is left, and it terminates the grammar.
-    assert allowed_tokens(fill_bitmasks([matcher])[0], len(tokenizer)) == {tokenizer.eos_token_id}
+    assert allowed_tokens(fill_bitmasks([matcher])[0], vocab_size) == {tokenizer.eos_token_id}
     assert not matcher.is_terminated()
     assert matcher.accept_token(tokenizer.eos_token_id)
     assert matcher.is_terminated()
@@ -134,7 +144,8 @@ def test_greedy_n2_and_seeded_json_is_valid(llm):
 @pytest.mark.parametrize(("spec", "check"), [
     (dict(choice=["north", "south", "east"]), lambda text: text in ("north", "south", "east")),
     (dict(regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}"), lambda text: len(text) == 10 and text[4] == "-"),
-    (dict(grammar='root ::= "a" ("b" | "c")+ "d"'), lambda text: text[0] == "a" and text[-1] == "d"),
+    (dict(grammar='root ::= "a" ("b" | "c")+ "d"'),
+     lambda text: text[0] == "a" and text[-1] == "d"),
 ])
 def test_regex_choice_and_grammar(llm, spec, check):
     params = SamplingParams(temperature=0, max_tokens=200,
@@ -142,6 +153,14 @@ def test_regex_choice_and_grammar(llm, spec, check):
     completion = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
     assert completion.finish_reason == "stop", completion
     assert check(completion.text), completion.text
+
+
+def test_stop_strings_still_stop(llm):
+    params = SamplingParams(temperature=0, max_tokens=20, stop=["or"],
+                            structured_outputs=StructuredOutputsParams(choice=["north", "forth"]))
+    completion = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert completion.text in ("n", "f")
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", "or")
 
 
 def test_json_object(llm, tokenizer):

@@ -170,6 +170,7 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
     return_token_strs: bool | None = None
 
 

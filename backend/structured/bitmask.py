@@ -1,8 +1,10 @@
-"""Applying grammar bitmasks to logits: one batched pass over the rows that have one."""
+"""Grammar bitmasks: filled on the host per constrained sequence, applied to the logits in one
+batched call (xgrammar's kernels: C++ on CPU, Triton on CUDA; the layout is llguidance's too)."""
 
 from __future__ import annotations
 
 import torch
+import xgrammar
 
 from pagoda.backend.structured.grammar import GrammarMatcher
 
@@ -23,12 +25,11 @@ def fill_bitmasks(matchers: list[GrammarMatcher]) -> torch.Tensor:
     return bitmask
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set logits[rows[i], t] to -inf, in place, for every token t whose bit is clear in
-    bitmask[i]. logits: [batch, vocab]; rows: [k] int64; bitmask: [k, >= vocab / 32] int32, all
-    on the logits' device."""
-    vocab_size = logits.shape[-1]
-    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=logits.device)
-    # NOTE: >> is arithmetic on int32, so the sign bit (token 31 of a word) still reads as 1.
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size].bool()
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None
+) -> None:
+    """Set logits[i, t] to -inf, in place, for each row i in `rows` (all rows when None) and
+    every token t whose bit is clear in bitmask[i]. logits: [batch, vocab] float32; bitmask:
+    [batch, >= vocab / 32] int32 on the logits' device (rows not in `rows` are not read)."""
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1],
+                                         indices=rows)

@@ -32,7 +32,8 @@ class LLGuidanceMatcher(GrammarMatcher):
     def accept_token(self, token_id: int) -> bool:
         if token_id in self._stop_token_ids:
             # Allowed once the grammar is complete, and then it ends the sequence.
-            self._terminated = self._matcher.is_accepting() and self._matcher.consume_token(token_id)
+            matcher = self._matcher
+            self._terminated = matcher.is_accepting() and matcher.consume_token(token_id)
             return self._terminated
         # NOTE: consume_token would put the matcher in an error state for good on a refused
         # token; try_consume_tokens refuses it and leaves the matcher as it was.

@@ -47,7 +47,9 @@ class StructuredOutputsParams:
                 raise InvalidParameter(FIELD, f"{name} must be a non-empty string")
         if self.choice is not None:
             if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
-                raise InvalidParameter(FIELD, "choice must be a non-empty list of non-empty strings")
+                raise InvalidParameter(
+                    FIELD, "choice must be a non-empty list of non-empty strings"
+                )
             object.__setattr__(self, "choice", tuple(self.choice))
 
     @property

@@ -57,29 +57,14 @@ def _call(obj: str, closed: bool) -> PartialCall:
 
 def _top_level_objects(text: str) -> Iterator[tuple[int, int, bool]]:
     """(start, end, closed) of each object opened outside any other object."""
-    depth = 0
-    start = 0
-    in_string = escaped = False
-    for index, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"' and depth:
-            in_string = True
-        elif char == "{":
-            if depth == 0:
-                start = index
-            depth += 1
-        elif char == "}" and depth:
-            depth -= 1
-            if depth == 0:
-                yield start, index + 1, True
-    if depth:
-        yield start, len(text), False
+    start = text.find("{")
+    while start >= 0:
+        end = _value_end(text, start)
+        if end is None:
+            yield start, len(text), False
+            return
+        yield start, end, True
+        start = text.find("{", end)
 
 
 def _members(obj: str) -> dict[str, tuple[int, int | None]]:
@@ -92,23 +77,25 @@ def _members(obj: str) -> dict[str, tuple[int, int | None]]:
         if key_end is None:
             break
         key = _load_string(obj[index:key_end])
-        if key is None:
+        value_start = _after(obj, key_end, ":")
+        if key is None or value_start is None or value_start >= len(obj):
             break
-        index = _skip_whitespace(obj, key_end)
-        if index >= len(obj) or obj[index] != ":":
+        value_end = _value_end(obj, value_start)
+        members[key] = (value_start, value_end)
+        next_member = None if value_end is None else _after(obj, value_end, ",")
+        if next_member is None:
             break
-        index = _skip_whitespace(obj, index + 1)
-        if index >= len(obj):
-            break
-        value_end = _value_end(obj, index)
-        members[key] = (index, value_end)
-        if value_end is None:
-            break
-        index = _skip_whitespace(obj, value_end)
-        if index >= len(obj) or obj[index] != ",":
-            break
-        index = _skip_whitespace(obj, index + 1)
+        index = next_member
     return members
+
+
+def _after(text: str, index: int, separator: str) -> int | None:
+    """Past `separator` (and the whitespace around it) from text[index] on; None when the text
+    has something else there, or ends."""
+    index = _skip_whitespace(text, index)
+    if index >= len(text) or text[index] != separator:
+        return None
+    return _skip_whitespace(text, index + 1)
 
 
 def _load_string(raw: str) -> str | None:

@@ -64,7 +64,9 @@ def plan_tools(request: ChatCompletionRequest, settings: ServerSettings) -> Tool
     )
 
 
-def _auto(settings: ServerSettings, template_tools: list[dict[str, Any]], parallel: bool) -> ToolPlan:
+def _auto(
+    settings: ServerSettings, template_tools: list[dict[str, Any]], parallel: bool
+) -> ToolPlan:
     if not settings.enable_auto_tool_choice or settings.tool_call_parser is None:
         raise invalid_param(
             '"auto" tool choice (the default with tools) requires the server to run with '

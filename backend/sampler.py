@@ -25,10 +25,10 @@ from pagoda.backend.logits_processing import (
     apply_repetition_penalty,
     float32_tensor,
 )
-from pagoda.backend.structured import apply_token_bitmask
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.structured import apply_token_bitmask
 
 
 @dataclass(slots=True)
@@ -120,9 +120,11 @@ class Sampler:
     def _choose_tokens(self, processed: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Argmax for greedy rows, a random draw for the others; [len(rows)] int64."""
         device = processed.device
-        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if not random:  # all greedy (a constrained or penalised greedy batch): no gathers
+            return processed.argmax(dim=-1)
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
         if greedy:
             greedy_index = torch.tensor(greedy, device=device)
             token_ids[greedy_index] = processed[greedy_index].argmax(dim=-1)

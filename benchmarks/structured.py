@@ -4,10 +4,11 @@ in one run, on one engine.
 Both passes run the same prompts greedily to exactly max_tokens: the unconstrained one ignores
 EOS, and the schema's one string field must be longer than max_tokens can write, so the grammar
 never lets it end early. Every constrained step therefore fills and applies a bitmask for every
-sequence. Passes alternate for `--rounds` rounds; the ratio is the median of the per-round
-ratios, by wall time and by the process's CPU time (on a shared machine, other jobs stretch the
-wall time of either pass at random; CPU time counts only this process's work). The schema is
-compiled once, before the timed rounds (its compile time is reported on its own).
+sequence. Passes alternate for `--rounds` rounds. On a shared machine other jobs slow either
+pass at random (tenfold, at times), so three estimates are kept: the ratio of each kind's
+fastest pass (the least disturbed; the headline), and the medians of the per-round ratios by
+wall time and by the process's CPU time. The schema is compiled once, before the timed rounds
+(its compile time is reported on its own).
 
     python benchmarks/structured.py [--model DIR] [--num-requests 32] [--max-tokens 96]
                                     [--backend xgrammar|guidance] [--rounds 7] [--quick]
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--backend", default="xgrammar", choices=["xgrammar", "guidance"])
     parser.add_argument("--quick", action="store_true", help="a few requests, one round")
     parser.add_argument("--output", default=None)
@@ -92,12 +93,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "benchmark": "decode throughput with a JSON schema vs unconstrained, same engine and run",
         "machine": machine_description(),
         "note": "a shared machine (2 cores, other engineers' builds and tests running): wall "
-                "times drift at random, so the ratios are medians of per-round ratios, and the "
-                "CPU-time ratio is the steadier estimate of the grammar's cost",
+                "times drift at random, so the headline is the ratio of each kind's fastest "
+                "pass; the medians of per-round ratios are kept beside it",
         "model": args.model or "pagoda demo model",
         "backend": args.backend,
         "schema": SCHEMA,
         "schema_compile_ms": 1000 * compile_seconds,
+        "best_ratio": _fastest(rounds, "json_schema") / _fastest(rounds, "unconstrained"),
+        "best_tokens_per_s": {kind: _fastest(rounds, kind)
+                              for kind in ("unconstrained", "json_schema")},
         "median_ratio": statistics.median(r["ratio"] for r in rounds),
         "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rounds),
         "median_tokens_per_s": {
@@ -109,10 +113,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     path = output_path(args.output, f"structured-{args.backend}-cpu.json", args.quick)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
-    summary = ("backend", "median_ratio", "median_cpu_ratio", "median_tokens_per_s",
+    summary = ("backend", "best_ratio", "best_tokens_per_s", "median_ratio", "median_cpu_ratio",
                "schema_compile_ms")
     print(json.dumps({key: result[key] for key in summary}, indent=2))
     return result
+
+
+def _fastest(rounds: list[dict], kind: str) -> float:
+    return max(r[kind]["tokens_per_s"] for r in rounds)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,18 @@ def fill_bitmasks(matchers: list[GrammarMatcher]) -> torch.Tensor:
     one engine, so of one vocabulary size)."""
     words = bitmask_words(matchers[0].vocab_size)
     bitmask = torch.empty(len(matchers), words, dtype=torch.int32)
+    filters: dict[int, tuple[torch.Tensor, list[int]]] = {}
     for row, matcher in enumerate(matchers):
         matcher.fill_bitmask(bitmask, row)
+        token_filter = matcher.token_filter
+        if token_filter is not None:
+            filters.setdefault(id(token_filter), (token_filter, []))[1].append(row)
+    # NOTE: one AND per distinct filter (matchers of one backend share theirs), not per row.
+    for token_filter, rows in filters.values():
+        if len(rows) == len(matchers):
+            bitmask &= token_filter
+        else:
+            bitmask[rows] &= token_filter
     return bitmask
 
 

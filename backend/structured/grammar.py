@@ -19,6 +19,9 @@ class GrammarMatcher(ABC):
     """One sequence's position in a grammar."""
 
     vocab_size: int  # the model's: the number of tokens its bitmask rows cover
+    # A bitmask row ANDed into every row this matcher fills (tokens its backend must forbid
+    # whatever the grammar says), or None. Applied by fill_bitmasks, batched.
+    token_filter: torch.Tensor | None = None
 
     @abstractmethod
     def accept_token(self, token_id: int) -> bool:

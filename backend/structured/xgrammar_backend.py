@@ -25,7 +25,7 @@ from pagoda.backend.structured.params import FIELD, StructuredOutputsParams
 class XGrammarMatcher(GrammarMatcher):
     def __init__(self, compiled: xgrammar.CompiledGrammar, allowed: torch.Tensor | None) -> None:
         self.vocab_size = compiled.tokenizer_info.vocab_size
-        self._allowed = allowed  # a bitmask row ANDed into every row this matcher fills
+        self.token_filter = allowed
         self._matcher = xgrammar.GrammarMatcher(compiled)
 
     def accept_token(self, token_id: int) -> bool:
@@ -33,8 +33,6 @@ class XGrammarMatcher(GrammarMatcher):
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
-        if self._allowed is not None:
-            bitmask[row] &= self._allowed
 
     def is_terminated(self) -> bool:
         return self._matcher.is_terminated()

@@ -38,7 +38,8 @@ from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 # The benchmark scripts live in the repository, not in the installed package.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARKS = {"throughput": "throughput.py", "serving": "serving.py", "sharing": "sharing.py",
-              "memory": "memory.py", "fastchat-worker": "fastchat_worker.py", "plots": "plots.py"}
+              "memory": "memory.py", "fastchat-worker": "fastchat_worker.py", "plots": "plots.py",
+              "structured": "structured.py"}
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
 
 

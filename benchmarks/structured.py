@@ -10,8 +10,8 @@ fastest pass (the least disturbed; the headline), and the medians of the per-rou
 wall time and by the process's CPU time. The schema is compiled once, before the timed rounds
 (its compile time is reported on its own).
 
-    python benchmarks/structured.py [--model DIR] [--num-requests 32] [--max-tokens 96]
-                                    [--backend xgrammar|guidance] [--rounds 7] [--quick]
+    pagoda bench structured [--model DIR] [--num-requests 32] [--max-tokens 96]
+                            [--backend xgrammar|guidance] [--rounds 9] [--quick]
 
 Writes benchmarks/results/structured-<backend>-cpu.json.
 """

@@ -54,6 +54,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                                   "alternating rounds (no-slowdown checks)"),
     "block-pool-startup": ("block_pool_startup.py", "KV block pool start-up and allocation "
                                                     "throughput at millions of blocks"),
+    "structured": ("structured.py", "tokens/s under a JSON schema against unconstrained"),
     "plots": ("plots.py", "PNG plots of the result JSONs"),
 }
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 from pagoda.backend.pooling_params import POOLING_TYPES
 
+from pagoda.backend.structured.params import BACKENDS, DEFAULT_BACKEND
+
 logger = logging.getLogger(__name__)
 
 # dtype names accepted -> torch's attribute names
@@ -67,6 +69,7 @@ class EngineConfig:
     static_decode_buffers: bool = False
     # How embedding requests pool the final hidden states when they do not say: "last" or "mean".
     pooling: str = "last"
+    structured_outputs_backend: str = DEFAULT_BACKEND
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -87,6 +90,11 @@ class EngineConfig:
         if self.pooling not in POOLING_TYPES:
             raise ValueError(
                 f"pooling must be one of {', '.join(POOLING_TYPES)}, got {self.pooling!r}"
+            )
+        if self.structured_outputs_backend not in BACKENDS:
+            raise ValueError(
+                f"structured_outputs_backend must be one of {sorted(BACKENDS)}, "
+                f"got {self.structured_outputs_backend!r}"
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(

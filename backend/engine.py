@@ -50,6 +50,7 @@ from pagoda.backend.pooling_params import PoolingParams, PoolingType
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
+from pagoda.backend.structured import CompiledGrammar, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class LLMEngine:
             self.device, self._graph_runner(kv_caches, attention),
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputs(
+            config.structured_outputs_backend, self.tokenizer, hf_config.vocab_size,
+            self.eos_token_ids,
+        )
         self.requests: dict[str, SequenceGroup] = {}
         # Test hook: called with each scheduled request before every forward; whatever it raises
         # is a failure of the model on that request (see _isolate_failure). None in production,
@@ -176,8 +181,8 @@ class LLMEngine:
         prompt's pooled final hidden states, in RequestOutput.embedding of its one, final
         output). Raises a RequestRejected naming the field for a request that can never run
         (empty or over-long prompt, token ids outside the vocabulary, duplicate id, more samples
-        than a step runs, more KV blocks than the whole cache), before anything of it is queued
-        or allocated."""
+        than a step runs, more KV blocks than the whole cache, a structured-outputs spec that
+        does not compile), before anything of it is queued or allocated."""
         if isinstance(params, PoolingParams):
             # Prefill only, as max_tokens=0 is; the embedding comes with the final output.
             pooling, params = params, SamplingParams(
@@ -197,12 +202,20 @@ class LLMEngine:
             )
         prompt_text, prompt_ids = self._encode(prompt)
         self._check_token_ids(prompt_ids, params)
+        # A cache hit when the caller compiled it first (EngineClient.generate does).
+        grammar = (
+            self.structured.compile(params.structured_outputs)
+            if params.structured_outputs is not None else None
+        )
         group = SequenceGroup(
             request_id=request_id,
             prompt=prompt_text,
             prompt_token_ids=prompt_ids,
             params=params,
-            seqs=[self._new_sequence(prompt_ids, params, i) for i in range(params.num_sequences)],
+            seqs=[
+                self._new_sequence(prompt_ids, params, i, grammar)
+                for i in range(params.num_sequences)
+            ],
             metrics=RequestMetrics(arrival_time or time.monotonic()),
             want_logprobs=params.logprobs is not None and not params.use_beam_search,
             beam=self._beam_state(params, len(prompt_ids)),
@@ -223,8 +236,10 @@ class LLMEngine:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """A conversation as prompt text, through the model's (or the given) chat template."""
+        """A conversation as prompt text, through the model's (or the given) chat template;
+        `tools` (OpenAI tool definitions) are the template's `tools` variable."""
         if chat_template is None and not self.tokenizer.chat_template:
             raise InvalidParameter(
                 "chat_template", "this model has no chat template; pass chat_template"
@@ -234,6 +249,7 @@ class LLMEngine:
             chat_template=chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
+            tools=tools,
             **(chat_template_kwargs or {}),
         )
 
@@ -278,7 +294,10 @@ class LLMEngine:
             ),
         )
 
-    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams, index: int) -> Sequence:
+    def _new_sequence(
+        self, prompt_ids: list[int], params: SamplingParams, index: int,
+        grammar: CompiledGrammar | None,
+    ) -> Sequence:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             prompt_ids,
@@ -293,6 +312,8 @@ class LLMEngine:
             num_prompt_tokens=len(prompt_ids),
             seed=sample_seed(params.seed, index),
             detokenizer=detokenizer,
+            # Each sample walks the grammar on its own, from the start.
+            grammar=grammar.matcher() if grammar is not None else None,
         )
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -12,6 +12,7 @@ RequestOutput.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ class EngineClient:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def generate(
+    async def generate(
         self, request_id: str, prompt: Prompt, params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
         """The request's outputs until one is finished, as `params.output_kind` asks: cumulative
@@ -104,8 +105,19 @@ class EngineClient:
         reader that fell behind gets what it missed merged into one output. Raises
         RequestRejected on the first iteration for a request the engine refuses, RequestFailed
         when the engine fails or is shut down. Closing the iterator early aborts the request and
-        frees its KV blocks within one step."""
-        return self._engine.generate(request_id, prompt, params)
+        frees its KV blocks within one step.
+
+        A structured-outputs spec is compiled here, on a worker thread, before the request is
+        submitted: the engine thread then finds it in its grammar cache instead of compiling
+        between two steps, and a spec that does not compile is refused the same way."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self._engine.engine.structured.compile,
+                                    params.structured_outputs)
+        outputs = self._engine.generate(request_id, prompt, params)
+        # Closing this generator closes the engine's at once, which aborts the request.
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output
 
     async def embed(
         self, request_id: str, prompt: Prompt, params: PoolingParams | None = None
@@ -144,10 +156,12 @@ class EngineClient:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """A conversation as prompt text, through the model's (or the given) chat template.
+        """A conversation as prompt text, through the model's (or the given) chat template,
+        with `tools` (OpenAI tool definitions) passed to it.
         InvalidParameter("chat_template") when the model has none and none is given; whatever
         the template raises (it may refuse a role or a turn order) is raised as is."""
         return self._engine.engine.render_chat(
-            messages, chat_template, add_generation_prompt, chat_template_kwargs
+            messages, chat_template, add_generation_prompt, chat_template_kwargs, tools
         )

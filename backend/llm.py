@@ -54,12 +54,14 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the chat template."""
+        """Generate replies to one conversation or a list of them, through the chat template
+        (which is given `tools`, OpenAI tool definitions, when there are any)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts: list[Prompt] = [
             self.engine.render_chat(
-                conversation, chat_template, add_generation_prompt, chat_template_kwargs
+                conversation, chat_template, add_generation_prompt, chat_template_kwargs, tools
             )
             for conversation in conversations
         ]

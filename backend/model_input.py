@@ -21,6 +21,7 @@ from pagoda.backend.pooling import PoolingRows
 from pagoda.backend.prompt_logprobs import PromptLogprobRows, prompt_logprob_rows
 from pagoda.backend.sampler import SamplingRow
 from pagoda.backend.scheduler import SchedulerOutput
+from pagoda.backend.structured import GrammarMatcher, fill_bitmasks
 
 
 @dataclass(slots=True)
@@ -58,6 +59,7 @@ def build_model_input(
     sampling_rows: list[SamplingRow] = []
     prompt_rows: list[PromptLogprobRows] = []
     pooling_rows: list[PoolingRows] = []
+    grammars: list[tuple[SamplingRow, GrammarMatcher]] = []
     for item in scheduler_output.scheduled:
         seq, group = item.seq, item.group
         start = seq.num_computed_tokens
@@ -90,6 +92,13 @@ def build_model_input(
                 output_token_ids=sample.output_token_ids,
                 seed=sample.seed,
             ))
+            if sample.grammar is not None:
+                grammars.append((sampling_rows[-1], sample.grammar))
+    if grammars:
+        # Filled here, on the host, from the matchers' state after the previous step's tokens.
+        bitmask = fill_bitmasks([matcher for _, matcher in grammars])
+        for index, (row, _) in enumerate(grammars):
+            row.token_bitmask = bitmask[index]
     layout = BatchLayout(
         query_start_loc=query_start_loc,
         context_lens=context_lens,

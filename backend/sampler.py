@@ -4,10 +4,11 @@ branches on beam search).
 
 Contract: every operation is row-wise, so a row's token depends only on its own logits, its
 SamplingRow and (for unseeded rows) the sampler's shared generator, never on its neighbours in
-the batch. Processing runs in float32 on the logits' device, in vLLM's order: logit_bias ->
-min_tokens -> repetition penalty -> presence/frequency penalties -> greedy argmax, or
-temperature -> min_p -> top_k -> top_p -> sampling. Reported logprobs, ranks and top logprobs
-are those of the raw logits, before any of that processing (as OpenAI and vLLM report them).
+the batch. Processing runs in float32 on the logits' device, in vLLM's order: grammar bitmask
+(structured outputs) -> logit_bias -> min_tokens -> repetition penalty -> presence/frequency
+penalties -> greedy argmax, or temperature -> min_p -> top_k -> top_p -> sampling. Reported
+logprobs, ranks and top logprobs are those of the raw logits, before any of that processing (as
+OpenAI reports them; vLLM v1 masks the grammar before it computes logprobs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pagoda.backend.logits_processing import (
 from pagoda.backend.model_output import BeamCandidates, ModelOutput, SampledToken
 from pagoda.backend.seeded_noise import counter_exponential, stream_key
 from pagoda.backend.sampling_params import SamplingParams
+from pagoda.backend.structured import apply_token_bitmask
 from pagoda.backend.token_logprobs import score_tokens
 
 
@@ -40,6 +42,9 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far by this sequence
     seed: int | None  # effective seed of this sequence (None: the sampler's shared generator)
+    # Structured outputs: the tokens its grammar allows next ([words] int32 on the host, see
+    # backend/structured/grammar.py); None when the sequence is unconstrained.
+    token_bitmask: torch.Tensor | None = None
 
 
 class Sampler:
@@ -102,10 +107,12 @@ class Sampler:
         return candidates
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Returns a new float32 tensor: logits with logit_bias, min_tokens and the repetition,
-        presence and frequency penalties applied; temperature and truncation are not.
-        Token ids at or beyond the vocabulary in logit_bias or stop_token_ids are ignored."""
+        """Returns a new float32 tensor: logits with the grammar bitmasks, logit_bias, min_tokens
+        and the repetition, presence and frequency penalties applied; temperature and truncation
+        are not. Token ids at or beyond the vocabulary in logit_bias or stop_token_ids are
+        ignored."""
         processed = logits.to(torch.float32, copy=True)
+        _apply_grammar_bitmasks(processed, rows)
         apply_logit_bias(processed, rows)
         apply_min_tokens(processed, rows, self.eos_token_ids)
         apply_repetition_penalty(processed, rows)
@@ -115,9 +122,11 @@ class Sampler:
     def _choose_tokens(self, processed: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Argmax for greedy rows, a random draw for the others; [len(rows)] int64."""
         device = processed.device
-        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if not random:  # all greedy (a constrained or penalised greedy batch): no gathers
+            return processed.argmax(dim=-1)
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
         if greedy:
             greedy_index = to_device(greedy, torch.long, device)
             token_ids[greedy_index] = processed[greedy_index].argmax(dim=-1)
@@ -195,10 +204,27 @@ def _needs_processing(row: SamplingRow) -> bool:
     """Whether process_logits would change this row's logits."""
     params = row.params
     return (
-        bool(params.logit_bias)
+        row.token_bitmask is not None
+        or bool(params.logit_bias)
         or params.needs_penalties
         or len(row.output_token_ids) < params.min_tokens
     )
+
+
+def _apply_grammar_bitmasks(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Masks, in place, the tokens each constrained row's grammar forbids: one batched pass
+    over those rows, their bitmasks moved to the device in one transfer."""
+    constrained = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+    if not constrained:
+        return
+    masks = torch.stack([rows[i].token_bitmask for i in constrained])
+    if len(constrained) == len(rows):
+        apply_token_bitmask(logits, masks.to(logits.device, non_blocking=True))
+        return
+    # Rows in batch order; the unconstrained ones' are never read.
+    bitmask = torch.empty(len(rows), masks.shape[1], dtype=torch.int32)
+    bitmask[constrained] = masks
+    apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), constrained)
 
 
 def _effective_top_k(top_k: int, vocab_size: int) -> int:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from pagoda.backend.errors import InvalidParameter
+from pagoda.backend.structured.params import StructuredOutputsParams
 
 # Above this, a temperature is treated as greedy: dividing logits by it would only amplify
 # rounding noise (the same cut-off vLLM uses).
@@ -54,6 +55,8 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # The output must follow this JSON schema, regex, choice or grammar.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -123,6 +126,11 @@ class SamplingParams:
             raise InvalidParameter("max_tokens", "max_tokens must be >= 1 with use_beam_search")
         if self.use_beam_search and self.temperature > GREEDY_TEMPERATURE and self.temperature != 1.0:
             raise InvalidParameter("temperature", "temperature must be 0 or 1 with use_beam_search")
+        if self.structured_outputs is not None and self.use_beam_search:
+            # Beams fork and die every step; a grammar state per hypothesis is not kept.
+            raise InvalidParameter(
+                "structured_outputs", "structured outputs are not supported with use_beam_search"
+            )
 
     @property
     def num_sequences(self) -> int:

@@ -16,6 +16,7 @@ from pagoda.backend.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from pagoda.backend.beam_search import BeamSearchState, Hypothesis
     from pagoda.backend.pooling import PoolingState
+    from pagoda.backend.structured import GrammarMatcher
 
 # NOTE: one counter for the process, so sequences forked anywhere (beam search in the scheduler)
 # never collide with those a request starts with.
@@ -41,6 +42,9 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Structured outputs: where this sample is in its grammar. It advances with every appended
+    # token and never steps back: a preempted sequence keeps its tokens, so its state stays true.
+    grammar: GrammarMatcher | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_ids), kw_only=True)
 
     @property

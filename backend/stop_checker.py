@@ -3,15 +3,19 @@
 The scheduler calls it while it applies a step's output, so a sequence that stops (EOS, a stop
 token or string, max_tokens, max_model_len) frees its KV blocks in the same update. Stop strings
 are matched here too, on the sequence's incremental detokenizer, rather than later in output
-processing: a stopped sequence must not be scheduled again.
+processing: a stopped sequence must not be scheduled again. A structured-output sequence's
+grammar matcher advances here too, and a terminated grammar ends the sequence with "stop".
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from pagoda.backend.model_output import SampledToken
 from pagoda.backend.sequence import Sequence, SequenceGroup
+
+logger = logging.getLogger(__name__)
 
 
 class StopChecker:
@@ -25,7 +29,25 @@ class StopChecker:
         seq.cumulative_logprob += token.logprob
         if group.want_logprobs:
             seq.logprobs.append(token.as_logprobs())
+        if seq.grammar is not None and not self._advance_grammar(group, seq, token_id):
+            return
         self._check_stop(group, seq, token_id)
+        if seq.grammar is not None and not seq.is_finished and seq.grammar.is_terminated():
+            # The grammar's end came with a stop token that is not an EOS (or ignore_eos).
+            seq.finish("stop")
+
+    def _advance_grammar(self, group: SequenceGroup, seq: Sequence, token_id: int) -> bool:
+        """Advance the sequence's matcher; a token its grammar refuses (the bitmask allowed
+        nothing, say with min_tokens banning the only stop token) ends the sequence."""
+        assert seq.grammar is not None
+        if seq.grammar.accept_token(token_id):
+            return True
+        logger.warning("request %s: token %d breaks its grammar; the sequence stops",
+                       group.request_id, token_id)
+        if seq.detokenizer is not None:
+            seq.detokenizer.add_token(token_id)
+        seq.finish("stop")
+        return False
 
     def _check_stop(self, group: SequenceGroup, seq: Sequence, token_id: int) -> None:
         params = group.params

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import build_checkpoint
-from openai_server import openai_server  # noqa: F401  (session server for test_openai_*.py)
+from openai_server import openai_server, tools_server  # noqa: F401  (session servers)
 
 
 @pytest.fixture(scope="session")

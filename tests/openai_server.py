@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ import pytest
 API_KEY = "test-key"
 MODEL_NAME = "pagoda-test"
 MAX_MODEL_LEN = 512
+TOOLS_MAX_MODEL_LEN = 2048
 MAX_REQUEST_BYTES = 256 * 1024
 
 
@@ -40,6 +42,16 @@ class RunningServer:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+    def tokenize(self, messages: list[dict[str, Any]], **fields: Any) -> str:
+        """The prompt the server renders for `messages` (through /tokenize and /detokenize)."""
+        body = {"messages": messages, **fields}
+        tokens = httpx.post(f"{self.base_url}/tokenize", json=body, headers=self.headers)
+        tokens.raise_for_status()
+        text = httpx.post(f"{self.base_url}/detokenize", json={"tokens": tokens.json()["tokens"]},
+                          headers=self.headers)
+        text.raise_for_status()
+        return text.json()["prompt"]
 
 
 def free_port() -> int:
@@ -62,6 +74,26 @@ def wait_until_healthy(base_url: str, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="session")
 def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
+    with running_server(demo_model_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tools_server(demo_model_dir: Path) -> Iterator[RunningServer]:
+    """For tool calling: tool_choice "auto" read as the demo template writes calls (hermes), and
+    room for the tool definitions the template lists (the demo tokenizer spends many tokens on
+    JSON)."""
+    with running_server(demo_model_dir, TOOLS_MAX_MODEL_LEN, enable_auto_tool_choice=True,
+                        tool_call_parser="hermes") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_server(
+    demo_model_dir: Path, max_model_len: int = MAX_MODEL_LEN, **settings_overrides: Any
+) -> Iterator[RunningServer]:
+    """A server on the demo model with these ServerSettings; on leaving, checks that no request
+    and no KV block was left behind."""
     import uvicorn
 
     from pagoda.adapters.openai import ServerSettings, create_app
@@ -71,13 +103,13 @@ def openai_server(demo_model_dir: Path) -> Iterator[RunningServer]:
 
     engine = AsyncEngine(LLMEngine(EngineConfig(
         model=str(demo_model_dir), dtype="float32", device="cpu", num_kv_blocks=512,
-        max_model_len=MAX_MODEL_LEN,
+        max_model_len=max_model_len,
     )))
     client = EngineClient(engine)
     client.start()
     settings = ServerSettings(
         port=free_port(), served_model_names=[MODEL_NAME], api_key=API_KEY,
-        max_request_bytes=MAX_REQUEST_BYTES, uvicorn_log_level="warning",
+        max_request_bytes=MAX_REQUEST_BYTES, uvicorn_log_level="warning", **settings_overrides,
     )
     server = uvicorn.Server(uvicorn.Config(
         create_app(client, settings), host="127.0.0.1", port=settings.port,

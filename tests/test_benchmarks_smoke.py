@@ -1,5 +1,5 @@
-"""Smoke test of benchmarks/memory.py: a tiny run on the demo model writes a result with the
-fields the README and plots read. Checks shapes and bounds, never speed."""
+"""Smoke tests of benchmarks/memory.py and benchmarks/structured.py: a tiny run on the demo model
+writes a result with the fields the README and plots read. Checks shapes and bounds, never speed."""
 
 from __future__ import annotations
 
@@ -33,3 +33,20 @@ def test_memory_quick_run_writes_its_fields(demo_model_dir: Path, tmp_path: Path
         assert workload["peak_rss_mib"] > 0, name
     assert result["workloads"]["shared_system_prompt_chat"]["prefix_cache_hit_rate"] > 0
     assert result["workloads"]["beam_width4"]["blocks_saved_at_peak"] > 0
+
+
+def test_structured_quick_run_writes_its_fields(demo_model_dir: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    try:
+        import structured
+    finally:
+        sys.path.remove(str(BENCHMARKS_DIR))
+    output = tmp_path / "structured.json"
+    structured.main(["--model", str(demo_model_dir), "--num-requests", "2", "--max-tokens", "8",
+                     "--rounds", "1", "--output", str(output)])
+
+    result = json.loads(output.read_text())
+    assert {"cpu", "cores", "gpu", "torch", "transformers"} <= set(result["machine"])
+    assert result["best_ratio"] > 0 and result["median_cpu_ratio"] > 0
+    (only,) = result["rounds"]
+    assert only["unconstrained"]["tokens"] == only["json_schema"]["tokens"] == 16

@@ -107,9 +107,36 @@ def test_chat_template_defaults_and_variants(tokenizer: PreTrainedTokenizerBase)
     assert rendered == "Rule one. USER: a\nb ASSISTANT:"
 
 
+def test_chat_template_renders_tools_calls_and_results(tokenizer: PreTrainedTokenizerBase) -> None:
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    conversation = [
+        {"role": "user", "content": "Add 2 and 3, and 4 and 5."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "add", "arguments": {"a": 2, "b": 3}}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "add", "arguments": '{"a": 4, "b": 5}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "9"},
+    ]
+    prompt = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.startswith(f"{VICUNA_SYSTEM}\n\n# Tools\n\n")
+    assert '<tools>\n{"type": "function", "function": {"name": "add", "parameters": ' in prompt
+    assert prompt.endswith(
+        ' USER: Add 2 and 3, and 4 and 5. ASSISTANT: <tool_call>\n{"name": "add", "arguments": '
+        '{"a": 2, "b": 3}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 4, '
+        '"b": 5}}\n</tool_call></s>USER: <tool_response>\n5\n</tool_response>\n'
+        "<tool_response>\n9\n</tool_response> ASSISTANT:"
+    )
+    # Without tools, the same conversation minus the tool turns renders as before.
+    assert "# Tools" not in tokenizer.apply_chat_template(conversation[:1], tokenize=False)
+
+
 def test_chat_template_rejects_unknown_role(tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(Exception, match="Unsupported message role 'tool'"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="Unsupported message role 'robot'"):
+        tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
 
 
 def test_model_loads_generates_and_is_not_near_uniform(

@@ -186,11 +186,12 @@ def test_a_request_outgrowing_the_kv_cache_fails_alone_mid_stream(http):
     ("logit_bias", {"x": 1}, "logit_bias"),
     ("logit_bias", {"5": 500}, "logit_bias"),
     ("top_logprobs", 3, "top_logprobs"),  # without logprobs: true
+    ("response_format", {"type": "xml"}, "response_format"),
     ("stop_token_ids", [10**9], "stop_token_ids"),
     ("logit_bias", {str(10**9): 1}, "logit_bias"),  # outside the vocabulary: the engine's check
     ("n", 300, "n"),  # more samples than a step runs (max_num_seqs): the engine's check
     ("temperature", "hot", "temperature"),
-    ("messages", [{"role": "tool", "content": "x"}], "messages[0].role"),
+    ("messages", [{"role": "robot", "content": "x"}], "messages[0].role"),
     ("messages", [{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content"),
     ("messages", [], "messages"),
     ("best_of", 3, "best_of"),  # with stream: true

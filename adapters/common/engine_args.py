@@ -9,6 +9,7 @@ from dataclasses import fields
 from pagoda.adapters.common.listener import size_arg
 from pagoda.backend.config import DTYPES, EngineConfig
 from pagoda.backend.pooling_params import POOLING_TYPES
+from pagoda.backend.structured.params import BACKENDS, DEFAULT_BACKEND
 
 MODEL_ENV = "PAGODA_MODEL"
 CPU_THREADS_ENV = "PAGODA_CPU_THREADS"
@@ -75,6 +76,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pooling", choices=POOLING_TYPES, default="last",
                        help="how /v1/embeddings pools the final hidden states: the last "
                             "token's, or their mean (L2-normalized either way)")
+    group.add_argument("--structured-outputs-backend", default=DEFAULT_BACKEND,
+                       choices=sorted(BACKENDS),
+                       help="grammar engine for response_format, tool_choice and guided_* "
+                            "(guidance and llguidance name the same one)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

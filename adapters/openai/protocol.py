@@ -5,7 +5,8 @@ refuses them before these models see the body), and read null as "the default": 
 field is `X | None = None`, and the defaults live in one place, where sampling parameters are
 built.
 Ranges are not checked here either: SamplingParams checks them and names the field.
-Responses follow OpenAI's shapes, plus vLLM's `stop_reason` on choices.
+Responses follow OpenAI's shapes, plus vLLM's `stop_reason` on choices and `reasoning_content`
+on messages.
 """
 
 from __future__ import annotations
@@ -34,11 +35,59 @@ class StreamOptions(RequestModel):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(RequestModel):
+    name: str | None = None
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; the JSON field is still "schema".
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(RequestModel):
+    """vLLM's `structured_outputs` extra: exactly one of its fields."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDefinition(RequestModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatMessage(RequestModel):
     role: str
     # A string or a list of content parts; only {"type": "text", "text": ...} parts are served.
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # An assistant's earlier calls ({"id", "type", "function": {"name", "arguments"}}), and the
+    # call a "tool" message answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class SamplingRequest(RequestModel):
@@ -57,6 +106,13 @@ class SamplingRequest(RequestModel):
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's structured outputs extras: the current one and the older guided_* fields.
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # vLLM's extra sampling parameters (sent through the openai SDK's extra_body).
     best_of: int | None = None
     use_beam_search: bool | None = None
@@ -83,6 +139,9 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: the reply starts with the last message's content when it has the reply's role.
     echo: bool | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def _one_prompt_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -116,6 +175,7 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
     return_token_strs: bool | None = None
 
 
@@ -163,9 +223,30 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None
 
 
+class OmitNone(BaseModel):
+    """Serialized without its None fields: deltas carry only what changed."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -186,14 +267,26 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobsField = None
 
 
-class DeltaMessage(BaseModel):
+class DeltaFunctionCall(OmitNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OmitNone):
+    """A streamed call: index, id, type and name in its first delta, then argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(OmitNone):
+    # OpenAI's deltas carry only what changed: {"role": ...} once, then {"content": ...}.
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"role": ...} once, then {"content": ...}.
-        return {key: value for key, value in handler(self).items() if value is not None}
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

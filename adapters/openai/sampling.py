@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pagoda.adapters.openai.errors import engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
+from pagoda.adapters.openai.structured import structured_outputs_of
 from pagoda.backend.errors import InvalidParameter
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.backend.structured import StructuredOutputsParams
 
 # Request fields that SamplingParams takes under the same name.
 _PASSED_THROUGH = (
@@ -24,14 +26,23 @@ def build_sampling_params(
     param_names: dict[str, str],
     prompt_logprobs: int | None = None,
     echo: bool = False,
+    forced_tool_call: StructuredOutputsParams | None = None,
+    skip_special_tokens: bool | None = None,
 ) -> SamplingParams:
     """max_tokens, logprobs and prompt_logprobs come resolved (their request fields differ
     between endpoints); `param_names` maps a SamplingParams field to the request field an error
-    should name. max_tokens=0 (the prompt alone) is for an `echo` only."""
+    should name, and gets the field that constrains the output (see structured.py). A tool
+    parser that reads special tokens overrides skip_special_tokens. max_tokens=0 (the prompt
+    alone) is for an `echo` only."""
     if max_tokens == 0 and not echo:
         name = param_names.get("max_tokens", "max_tokens")
         raise invalid_param(f"{name} must be >= 1 (0, the prompt alone, needs echo)", name)
     values = {name: getattr(request, name) for name in _PASSED_THROUGH}
+    values["structured_outputs"], param_names["structured_outputs"] = structured_outputs_of(
+        request, forced_tool_call
+    )
+    if skip_special_tokens is not None:
+        values["skip_special_tokens"] = skip_special_tokens
     if request.use_beam_search and request.temperature is None:
         # Beam search ranks by log-probability; OpenAI's default temperature of 1 is for sampling.
         values["temperature"] = 0.0

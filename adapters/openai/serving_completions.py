@@ -43,17 +43,18 @@ class CompletionsEndpoint(GenerationEndpoint):
         prompt_logprobs = checked_logprobs(request.prompt_logprobs, "prompt_logprobs", max_logprobs)
         if request.echo and logprobs is not None and prompt_logprobs is None:
             prompt_logprobs = logprobs  # the echoed prompt's tokens get logprobs too
+        param_names: dict[str, str] = {}
         params = build_sampling_params(
             request,
             max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
             logprobs=logprobs,
-            param_names={},
+            param_names=param_names,
             prompt_logprobs=prompt_logprobs,
             echo=bool(request.echo),
         )
         check_streamable(request, params)
         return Job(
-            request=request, model=model, prompts=prompts, params=params, param_names={},
+            request=request, model=model, prompts=prompts, params=params, param_names=param_names,
             include_usage=include_usage(request, self.state.settings.enable_force_include_usage),
             request_id=self.new_request_id(),
         )

@@ -28,8 +28,10 @@ class TokenEndpoints:
         if (body.prompt is None) == (body.messages is None):
             raise invalid_param("give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
+            tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
             text = self.state.render_chat(
-                body.messages, body.add_generation_prompt, body.chat_template_kwargs
+                body.messages, body.add_generation_prompt, body.chat_template_kwargs,
+                tools or None,
             )
         else:
             text = body.prompt or ""

@@ -17,6 +17,8 @@ from pagoda.adapters.common.listener import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     add_listener_args,
 )
+from pagoda.adapters.openai.reasoning import REASONING_PARSERS
+from pagoda.adapters.openai.tools.parsers import TOOL_PARSERS
 from pagoda.backend.demo import DEMO_MODEL_NAME
 
 API_KEY_ENV = "PAGODA_API_KEY"
@@ -42,6 +44,10 @@ class ServerSettings:
     uvicorn_log_level: str = "info"
     # Seconds requests in flight get to finish after SIGTERM.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    # tool_choice "auto" (the default with tools): allowed, and read with this parser.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None  # fills reasoning_content
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -59,6 +65,14 @@ class ServerSettings:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.sse_ping_seconds < 0:
             raise ValueError(f"sse_ping_seconds must be >= 0, got {self.sse_ping_seconds}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {sorted(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
 
     @property
     def model_name(self) -> str:
@@ -88,6 +102,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--uvicorn-log-level", default=_default("uvicorn_log_level"),
                        choices=["critical", "error", "warning", "info", "debug", "trace"],
                        help="uvicorn's log level (info logs every request)")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let the model decide whether to call tools (tool_choice "auto", the '
+                            "default with tools); needs --tool-call-parser")
+    group.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="how the model writes tool calls (hermes: <tool_call> JSON, as "
+                            "Hermes, Qwen 2.5/3 and the demo model's template; default: none)")
+    group.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="put the model's <think> text in message.reasoning_content "
+                            "(default: none)")
 
 
 def _default(name: str) -> Any:
@@ -117,4 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         sse_ping_seconds=args.sse_ping_seconds,
         uvicorn_log_level=args.uvicorn_log_level,
         shutdown_timeout=args.shutdown_timeout,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )

@@ -13,9 +13,10 @@ from pagoda.adapters.openai.logprobs import TokenStrings
 from pagoda.adapters.openai.metrics import ServerMetrics
 from pagoda.adapters.openai.protocol import ChatMessage
 from pagoda.adapters.openai.settings import ServerSettings
+from pagoda.adapters.openai.tools.messages import tool_calls
 from pagoda.backend.engine_client import EngineClient
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ServerState:
@@ -57,6 +58,7 @@ class ServerState:
         messages: list[ChatMessage],
         add_generation_prompt: bool | None,
         chat_template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         if not messages:
             raise invalid_param("messages must contain at least one message", "messages")
@@ -67,6 +69,7 @@ class ServerState:
                 chat_template=self.settings.chat_template,
                 add_generation_prompt=add_generation_prompt is not False,
                 chat_template_kwargs=chat_template_kwargs,
+                tools=tools,
             )
         except (ValueError, TypeError, jinja2.TemplateError) as error:
             # A template that raises (an unsupported role or turn order) refuses the conversation.
@@ -74,9 +77,9 @@ class ServerState:
             raise invalid_param(message, "messages") from None
 
 
-def _message_dict(index: int, message: ChatMessage) -> dict[str, str]:
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
     """A message as chat templates expect it: text parts joined into one string (most templates
-    only handle string content)."""
+    only handle string content), tool calls with their arguments as objects (see tool_calls)."""
     param = f"messages[{index}]"
     if message.role not in CHAT_ROLES:
         raise invalid_param(
@@ -99,7 +102,14 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, str]:
                 )
             parts.append(part["text"])
         text = "\n".join(parts)
-    result = {"role": message.role, "content": text}
+    result: dict[str, Any] = {"role": message.role, "content": text}
     if message.name is not None:
         result["name"] = message.name
+    if message.role == "tool":
+        if message.tool_call_id is None:
+            raise invalid_param(f"{param}.tool_call_id is required for a tool message",
+                                f"{param}.tool_call_id")
+        result["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        result["tool_calls"] = tool_calls(param, message.tool_calls)
     return result

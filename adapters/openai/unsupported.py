@@ -2,9 +2,9 @@
 naming the field. Ignoring them would be worse than an error: a client that asked for JSON or a
 tool call would take free text for what it asked.
 
-NOTE: the tools / structured-outputs issue will implement tools, tool_choice, functions,
-function_call, response_format (json_object, json_schema) and vLLM's guided_* and
-structured_outputs, and take them off this list.
+NOTE: an endpoint whose request model declares a field serves it (chat serves tools and
+tool_choice; chat and completions serve response_format and vLLM's structured-outputs extras),
+so only the endpoints that do not are refused it.
 
 Fields that do not change the answer (user, metadata, store, service_tier, parallel_tool_calls,
 prediction, ...) are not listed: they are accepted and ignored like any other unknown field.
@@ -32,12 +32,7 @@ def _beyond(*harmless: Any) -> Refuses:
     return lambda value: _given(value) and value not in harmless
 
 
-def _not_text_format(value: Any) -> bool:
-    return value is not None and value != {"type": "text"}
-
-
-TOOLS = "tool calling is not supported yet"
-STRUCTURED = "structured outputs (constrained decoding) are not supported yet"
+TOOLS = "tool calling is served by /v1/chat/completions only"
 
 # field -> (whether a value is refused, why). NOTE: a field the request model declares is one
 # that endpoint implements, so it is not refused there.
@@ -46,12 +41,6 @@ REFUSED_FIELDS: dict[str, tuple[Refuses, str]] = {
     "tool_choice": (_beyond("none", "auto"), TOOLS),
     "functions": (_given, TOOLS),
     "function_call": (_beyond("none", "auto"), TOOLS),
-    "response_format": (_not_text_format, f"only {{'type': 'text'}} is served; {STRUCTURED}"),
-    "guided_json": (_given, STRUCTURED),
-    "guided_regex": (_given, STRUCTURED),
-    "guided_choice": (_given, STRUCTURED),
-    "guided_grammar": (_given, STRUCTURED),
-    "structured_outputs": (_given, STRUCTURED),
     "suffix": (_given, "completions with a suffix (insertion) are not supported"),
     "modalities": (_beyond(["text"]), "only text output is served"),
     "audio": (_given, "audio output is not supported"),

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # NOTE: bump whenever the recipe (corpus, tokenizer or model settings) changes, so cached
 # copies built by an older recipe are not reused.
-DEMO_MODEL_VERSION = 1
+DEMO_MODEL_VERSION = 2
 
 CACHE_DIR_ENV = "PAGODA_CACHE_DIR"
 DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/pagoda")

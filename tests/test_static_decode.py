@@ -10,6 +10,7 @@ import pytest
 from checkpoints import VARIANTS
 
 from pagoda.backend import LLM, SamplingParams
+from pagoda.backend.attention import ATTENTION_BACKEND_ENV
 from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 
 BUCKETS = [1, 2, 4, 8]
@@ -85,3 +86,15 @@ def test_only_decode_batches_within_the_buckets_take_the_padded_path(demo_model_
     llm.generate([[5, 6, 7], [8, 9]], greedy, use_tqdm=False)
     assert taken == [2, 2, 2]  # the prefill runs eagerly, then three decode steps of two
     llm.engine.check_no_leaks()
+
+
+def test_triton_decode_metadata_from_the_static_buffers(demo_model_dir, monkeypatch):
+    """The Triton backend's graph-capturable metadata (prepare_decode: tensors only, launches
+    sized for max_model_len), run eagerly under Triton's interpreter: the same tokens as its
+    per-step metadata."""
+    pytest.importorskip("pagoda.backend.attention.triton_backend")
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "triton")
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain, padded = run_both(demo_model_dir, [prompts_of(3, 11)], greedy, num_kv_blocks=32,
+                             max_model_len=256, max_num_seqs=8)
+    assert padded == plain

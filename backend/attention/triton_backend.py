@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagoda.backend.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
+from pagoda.backend.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    BatchLayout,
+    DecodeBatch,
+)
 from pagoda.kernels import copy_blocks_reference
 from pagoda.kernels.triton import (
     PrefillTiles,
@@ -28,7 +33,9 @@ from pagoda.kernels.triton import (
 
 @dataclass(slots=True)
 class TritonAttentionMetadata(AttentionMetadata):
-    layout: BatchLayout
+    # None for a decode batch built from a CUDA graph's static buffers (prepare_decode).
+    layout: BatchLayout | None
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
     sliding_window: int | None
     # Sizes the decode launch (partitions of the longest decoding context); a runtime size, not
     # a compile-time constant, so a new maximum every step compiles nothing new.
@@ -50,6 +57,7 @@ class TritonAttentionMetadata(AttentionMetadata):
         return not self.prefill_seqs
 
     def prefill_tiles(self, tokens: int) -> PrefillTiles:
+        assert self.layout is not None, "a decode batch has no prefill"
         if tokens not in self._tiles:
             self._tiles[tokens] = PrefillTiles.build(
                 self.prefill_seqs, self.layout.query_lens, tokens, self.block_tables.device
@@ -67,6 +75,8 @@ def require_runnable_on(device: torch.device) -> None:
 
 
 class TritonAttentionBackend(AttentionBackend):
+    supports_cuda_graphs = True
+
     def prepare(
         self, layout: BatchLayout, device: torch.device, sliding_window: int | None
     ) -> TritonAttentionMetadata:
@@ -78,6 +88,7 @@ class TritonAttentionBackend(AttentionBackend):
         seq_lens = layout.seq_lens
         return TritonAttentionMetadata(
             layout=layout,
+            slot_mapping=layout.slot_mapping,
             sliding_window=sliding_window,
             decode_max_seq_len=max((seq_lens[i] for i in decodes), default=0),
             block_tables=_int32(tables, device),
@@ -93,6 +104,29 @@ class TritonAttentionBackend(AttentionBackend):
             decode_seq_lens=_int32([seq_lens[i] for i in decodes], device),
         )
 
+    def prepare_decode(
+        self, batch: DecodeBatch, sliding_window: int | None
+    ) -> TritonAttentionMetadata:
+        """The batch's own tensors, nothing read back, so a CUDA graph can replay it with new
+        contents. The decode launch is sized for batch.max_seq_len (the longest a sequence may
+        be), not this step's longest context: partitions past a sequence's end return at once."""
+        device = batch.slot_mapping.device
+        require_runnable_on(device)
+        no_prefill = torch.empty(0, dtype=torch.int32, device=device)
+        return TritonAttentionMetadata(
+            layout=None,
+            slot_mapping=batch.slot_mapping,
+            sliding_window=sliding_window,
+            decode_max_seq_len=batch.max_seq_len,
+            block_tables=batch.block_tables,
+            query_start_loc=no_prefill,
+            context_lens=no_prefill,
+            prefill_seqs=[],
+            decode_rows=torch.arange(batch.seq_lens.shape[0], device=device),
+            decode_block_tables=batch.block_tables,
+            decode_seq_lens=batch.seq_lens,
+        )
+
     def forward(
         self,
         query: torch.Tensor,
@@ -104,7 +138,7 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         assert isinstance(metadata, TritonAttentionMetadata)
-        store_kv_triton(key, value, key_cache, value_cache, metadata.layout.slot_mapping)
+        store_kv_triton(key, value, key_cache, value_cache, metadata.slot_mapping)
         if metadata.all_decode:
             return self._decode(query, key_cache, value_cache, metadata, scale)
         output = torch.empty_like(query)

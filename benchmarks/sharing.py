@@ -47,10 +47,10 @@ def peak_blocks(engine: LLMEngine, prompts: list[list[int]], params: SamplingPar
     }
 
 
-def memory(model: str, vocab: int, rng: np.random.Generator, quick: bool) -> dict:
+def memory(engine: dict[str, str], vocab: int, rng: np.random.Generator, quick: bool) -> dict:
     prompts = [random_prompt(rng, int(rng.integers(512, 700)), vocab) for _ in range(2 if quick else 4)]
     max_tokens = 64 if quick else 128
-    config = dict(model=model, num_kv_blocks=2048, enable_prefix_caching=False)
+    config = dict(**engine, num_kv_blocks=2048, enable_prefix_caching=False)
     sampling = SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=max_tokens, ignore_eos=True)
     beam = SamplingParams(n=4, use_beam_search=True, temperature=0.0, max_tokens=max_tokens,
                           ignore_eos=True)
@@ -62,7 +62,7 @@ def memory(model: str, vocab: int, rng: np.random.Generator, quick: bool) -> dic
     }
 
 
-def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, quick: bool,
+def throughput_at_same_budget(engine: dict[str, str], vocab: int, rng: np.random.Generator, quick: bool,
                               num_kv_blocks: int, rounds: int) -> dict:
     num_requests, n, max_tokens = (4, 4, 48) if quick else (12, 4, 128)
     prompts = [random_prompt(rng, int(rng.integers(512, 640)), vocab) for _ in range(num_requests)]
@@ -81,7 +81,7 @@ def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, 
     samples = {}
     for _ in range(rounds):  # alternate, so drift on a shared machine hits both sides alike
         for name, (batch, params) in sides.items():
-            llm = LLM(model, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
+            llm = LLM(**engine, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
             started = time.perf_counter()
             outputs = llm.generate(batch, params, use_tqdm=False)
             seconds = time.perf_counter() - started
@@ -104,11 +104,11 @@ def throughput_at_same_budget(model: str, vocab: int, rng: np.random.Generator, 
     }
 
 
-def prefix_caching_ttft(model: str, vocab: int, rng: np.random.Generator, trials: int) -> dict:
+def prefix_caching_ttft(engine: dict[str, str], vocab: int, rng: np.random.Generator, trials: int) -> dict:
     prefix = random_prompt(rng, 1024, vocab)
     timings: dict[str, list[float]] = {"on": [], "off": []}
     for caching in ("off", "on"):
-        llm = LLM(model, num_kv_blocks=512, enable_prefix_caching=caching == "on")
+        llm = LLM(**engine, num_kv_blocks=512, enable_prefix_caching=caching == "on")
         llm.generate(prefix + [7], SamplingParams(max_tokens=1), use_tqdm=False)  # warm
         for trial in range(trials):
             prompt = prefix + random_prompt(rng, 9, vocab)[1:]
@@ -122,11 +122,11 @@ def prefix_caching_ttft(model: str, vocab: int, rng: np.random.Generator, trials
             "trials": trials, "prefix_tokens": 1024}
 
 
-def zero_hit_cost(model: str, vocab: int, max_model_len: int, rounds: int, quick: bool) -> dict:
+def zero_hit_cost(engine: dict[str, str], vocab: int, max_model_len: int, rounds: int, quick: bool) -> dict:
     requests = sharegpt_like(24 if quick else 64, vocab, max_model_len, seed=3, scale=0.25)
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
-    engines = {name: LLM(model, enable_prefix_caching=name == "on") for name in ("off", "on")}
+    engines = {name: LLM(**engine, enable_prefix_caching=name == "on") for name in ("off", "on")}
     seconds: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(rounds):  # alternate, so drift on a shared machine hits both sides alike
         for name, llm in engines.items():
@@ -149,24 +149,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
     parser.add_argument("--num-kv-blocks", type=int, default=320,
                         help="KV budget of the throughput comparison")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", default="float32", help="weights, activations and KV cache")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     model = args.model or str(demo_model_path())
-    probe = LLMEngine(EngineConfig(model=model, num_kv_blocks=64))
+    engine = {"model": model, "device": args.device, "dtype": args.dtype}
+    probe = LLMEngine(EngineConfig(**engine, num_kv_blocks=64))
     vocab, max_model_len = probe.hf_config.vocab_size, probe.hf_config.max_position_embeddings
     rng = np.random.default_rng(0)
     result = {
         "benchmark": "prefix sharing",
         "machine": machine_description(),
         "model": args.model or "pagoda demo model",
-        "memory": memory(model, vocab, rng, args.quick),
+        "device": args.device, "dtype": args.dtype,
+        "memory": memory(engine, vocab, rng, args.quick),
         "throughput_same_kv_budget": throughput_at_same_budget(
-            model, vocab, rng, args.quick, args.num_kv_blocks, 1 if args.quick else 9),
-        "prefix_caching_ttft": prefix_caching_ttft(model, vocab, rng, 3 if args.quick else 7),
+            engine, vocab, rng, args.quick, args.num_kv_blocks, 1 if args.quick else 9),
+        "prefix_caching_ttft": prefix_caching_ttft(engine, vocab, rng, 3 if args.quick else 7),
         "prefix_caching_zero_hit_cost": zero_hit_cost(
-            model, vocab, max_model_len, 3 if args.quick else 15, args.quick),
+            engine, vocab, max_model_len, 3 if args.quick else 15, args.quick),
     }
-    output = Path(args.output) if args.output else RESULTS_DIR / "sharing-cpu.json"
+    output = Path(args.output) if args.output else RESULTS_DIR / f"sharing-{args.device}.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
     print(f"wrote {output} and {plot_file(output)}")

@@ -22,10 +22,21 @@ print(next((t.lower() for t in ('H200', 'H100') if t in name), 'gpu'))")
   python -m pytest -q -m gpu -p no:cacheprovider
 fi
 mkdir -p "$RESULTS"
+DTYPE=bfloat16; QUICK=
+if [ -n "$DRY" ]; then DTYPE=float32; QUICK=--quick; fi
 for shape in $SHAPES; do
-  python benchmarks/gpu/synthetic.py --shape "$shape" --output "$WORK/$shape" --device "$DEVICE"
+  python benchmarks/gpu/synthetic.py --shape "$shape" --output "$WORK/$shape" --device "$DEVICE" \
+    --dtype "$DTYPE"
   python benchmarks/gpu/decode.py --model "$WORK/$shape" $DRY \
     --output "$RESULTS/decode-$shape-$TAG.json"
+  if [ "$shape" != llama-3-8b ]; then
+    # The ShareGPT-like mix against transformers, and prefix sharing, on the small shape.
+    (cd benchmarks && python throughput.py --model "$WORK/$shape" --device "$DEVICE" \
+      --dtype "$DTYPE" --num-requests 100 --peers static,continuous $QUICK \
+      --output "$RESULTS/throughput-$shape-$TAG.json")
+    (cd benchmarks && python sharing.py --model "$WORK/$shape" --device "$DEVICE" \
+      --dtype "$DTYPE" $QUICK --output "$RESULTS/sharing-$shape-$TAG.json")
+  fi
   rm -rf "${WORK:?}/$shape"  # the 8B checkpoint alone is 16 GB
 done
 echo "results in $RESULTS"

@@ -18,6 +18,7 @@ from pagoda.backend.attention.base import (
     BatchLayout,
     DecodeBatch,
 )
+from pagoda.backend.device_transfer import to_device
 from pagoda.kernels import copy_blocks_reference
 from pagoda.kernels.triton import (
     PrefillTiles,
@@ -95,9 +96,7 @@ class TritonAttentionBackend(AttentionBackend):
             query_start_loc=_int32(layout.query_start_loc, device),
             context_lens=_int32(layout.context_lens, device),
             prefill_seqs=[i for i, query_len in enumerate(query_lens) if query_len > 1],
-            decode_rows=torch.tensor(
-                [layout.query_start_loc[i] for i in decodes], dtype=torch.long, device=device
-            ),
+            decode_rows=to_device([layout.query_start_loc[i] for i in decodes], torch.long, device),
             decode_block_tables=_int32([tables[i] for i in decodes], device).view(
                 len(decodes), max_blocks
             ),
@@ -160,7 +159,7 @@ class TritonAttentionBackend(AttentionBackend):
         if not copies:
             return
         device = kv_caches[0][0].device
-        sources, targets = (torch.tensor(ids, device=device) for ids in zip(*copies))
+        sources, targets = (to_device(ids, torch.long, device) for ids in zip(*copies))
         # A block both read and written needs every read before any write, which the parallel
         # kernel does not order; that only happens when a freed block is reused within a step.
         if copies_overlap(copies):
@@ -183,4 +182,4 @@ class TritonAttentionBackend(AttentionBackend):
 
 
 def _int32(values: list, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=device)
+    return to_device(values, torch.int32, device)

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    GenerationConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from pagoda.backend.attention import AttentionBackend, get_attention_backend
 from pagoda.backend.beam_search import BeamSearchState
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
-from pagoda.backend.demo import demo_model_path
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
 from pagoda.backend.host import apply_cpu_threads
@@ -32,21 +22,15 @@ from pagoda.backend.memory_profile import kv_cache_budget, profile_memory
 from pagoda.backend.model_input import build_model_input
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.model_runner import ModelRunner
-from pagoda.backend.models import build_model
-from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
-from pagoda.backend.models.loader import (
-    check_unquantized,
-    checkpoint_dtype,
-    iterate_weights,
-    resolve_model_path,
-    weight_files,
-)
+from pagoda.backend.model_loading import eos_token_ids, load_model, resolve_engine_model
+from pagoda.backend.models.llama import KVCache
+from pagoda.backend.models.loader import check_unquantized, checkpoint_dtype
 from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
 from pagoda.backend.prompt import encode_prompt
-from pagoda.backend.sampler import Sampler
 from pagoda.backend.pooling import PoolingState
 from pagoda.backend.pooling_params import PoolingParams, PoolingType
+from pagoda.backend.sampler import Sampler
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.backend.scheduler import Scheduler, SchedulerOutput
 from pagoda.backend.sequence import Sequence, SequenceGroup, sample_seed
@@ -67,7 +51,7 @@ class LLMEngine:
         self.config = config
         self.device = config.torch_device
         apply_cpu_threads(config.cpu_threads)
-        model_path = self._model_path()
+        model_path = resolve_engine_model(config)
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         check_unquantized(hf_config)
         self.hf_config = hf_config
@@ -76,7 +60,8 @@ class LLMEngine:
         )
         self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
         attention = get_attention_backend(self.device)
-        self.model = self._load_model(model_path, hf_config, attention)
+        self.model = load_model(model_path, hf_config, attention, self.dtype, self.device,
+                                config.allow_pickle_weights)
 
         num_layers, num_kv_heads, head_dim = self.model.kv_shape
         block_bytes = bytes_per_block(
@@ -94,7 +79,7 @@ class LLMEngine:
             self.device,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.eos_token_ids = _eos_token_ids(model_path, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.eos_token_ids,
@@ -144,29 +129,6 @@ class LLMEngine:
         if capture:
             runner.capture()
         return runner
-
-    def _model_path(self) -> Path:
-        if self.config.model is None:
-            return demo_model_path()
-        return resolve_model_path(
-            self.config.model, self.config.revision, self.config.allow_pickle_weights
-        )
-
-    def _load_model(
-        self, model_path: Path, hf_config: PretrainedConfig, attention: AttentionBackend
-    ) -> LlamaForCausalLM:
-        started = time.monotonic()
-        with _default_dtype(self.dtype), torch.device(self.device):
-            model = build_model(hf_config, attention, hf_config.max_position_embeddings)
-        model.load_weights(
-            iterate_weights(weight_files(model_path, self.config.allow_pickle_weights))
-        )
-        model.eval()
-        logger.info(
-            "loaded %s (%s, %s) in %.1f s", model_path, self.dtype, self.device,
-            time.monotonic() - started,
-        )
-        return model
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -405,25 +367,3 @@ class LLMEngine:
         self.block_manager.check_invariants()
         assert not self.block_manager.block_tables, "block tables left behind"
         assert self.block_manager.pool.num_used_blocks == 0, "KV blocks leaked"
-
-
-def _eos_token_ids(model_path: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The generation config's eos ids (Llama 3 lists several) and the tokenizer's."""
-    eos: set[int] = set()
-    with contextlib.suppress(OSError):
-        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
-        if configured is not None:
-            eos.update(configured if isinstance(configured, list) else [configured])
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return eos
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)

@@ -1,0 +1,69 @@
+"""Loading what an engine serves: the checkpoint's folder, the model built on its device and
+filled with its weights, and the tokens that end a generation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from pagoda.backend.attention import AttentionBackend
+from pagoda.backend.config import EngineConfig
+from pagoda.backend.demo import demo_model_path
+from pagoda.backend.models import build_model
+from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.loader import iterate_weights, resolve_model_path, weight_files
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_engine_model(config: EngineConfig) -> Path:
+    """The local folder of the configured model (the demo model's when none is)."""
+    if config.model is None:
+        return demo_model_path()
+    return resolve_model_path(config.model, config.revision, config.allow_pickle_weights)
+
+
+def load_model(
+    model_path: Path,
+    hf_config: PretrainedConfig,
+    attention: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    allow_pickle_weights: bool,
+) -> LlamaForCausalLM:
+    started = time.monotonic()
+    with _default_dtype(dtype), torch.device(device):
+        model = build_model(hf_config, attention, hf_config.max_position_embeddings)
+    model.load_weights(iterate_weights(weight_files(model_path, allow_pickle_weights)))
+    model.eval()
+    logger.info("loaded %s (%s, %s) in %.1f s", model_path, dtype, device,
+                time.monotonic() - started)
+    return model
+
+
+def eos_token_ids(model_path: Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The generation config's eos ids (Llama 3 lists several) and the tokenizer's."""
+    eos: set[int] = set()
+    with contextlib.suppress(OSError):
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+        if configured is not None:
+            eos.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -11,25 +11,8 @@ import jsonschema
 import openai
 import pytest
 from openai import OpenAI
+from tool_schemas import PARAMETERS, regex_literal
 
-WEATHER_PARAMETERS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "days", "unit"],
-    "additionalProperties": False,
-}
-ADD_PARAMETERS = {
-    "type": "object",
-    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                   "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-    "required": ["a", "b"],
-    "additionalProperties": False,
-}
-PARAMETERS = {"get_weather": WEATHER_PARAMETERS, "add": ADD_PARAMETERS}
 TOOLS = [
     {"type": "function", "name": name, "description": f"the {name} tool",
      "parameters": parameters, "strict": True}
@@ -92,13 +75,9 @@ def test_streamed_arguments_add_up(client):
     assert (final.id, final.call_id) == (added.id, added.call_id)
 
 
-def _regex_literal(text: str) -> str:
-    return "".join("\\" + char if char in r"\.^$*+?()[]{}|" else char for char in text)
-
-
 def test_auto_reads_hermes_calls(client):
     call = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
-    regex = r"Adding\.\n<tool_call>\n" + _regex_literal(call) + r"\n</tool_call>"
+    regex = r"Adding\.\n<tool_call>\n" + regex_literal(call) + r"\n</tool_call>"
     kwargs = dict(tools=TOOLS, extra_body={"guided_regex": regex})
     message, item = respond(client, **kwargs).output
     assert message.type == "message" and message.content[0].text == "Adding.\n"

@@ -73,6 +73,13 @@ def test_streamed_arguments_add_up(client):
     (final,) = events[-1].response.output
     assert_valid_call(final)
     assert (final.id, final.call_id) == (added.id, added.call_id)
+    # The SDK's stream helper accumulates the argument deltas into its snapshot.
+    with client.responses.stream(model="pagoda-test", input=QUESTION, temperature=0,
+                                 max_output_tokens=150, **kwargs) as helper:
+        snapshots = [e.snapshot for e in helper
+                     if e.type == "response.function_call_arguments.delta"]
+        assert helper.get_final_response().output[0].arguments == whole.arguments
+    assert snapshots[-1] == whole.arguments
 
 
 def test_auto_reads_hermes_calls(client):

@@ -1,5 +1,6 @@
 """The Responses API through the openai SDK: plain and streamed responses, instructions,
-max_output_tokens, continuing a stored response, and what is refused (tools)."""
+max_output_tokens, continuing a stored response, and what is refused (function tools are in
+test_openai_responses_tools.py)."""
 
 from __future__ import annotations
 
@@ -119,9 +120,8 @@ def test_streamed_events(client, openai_server):
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
-     "input[0].type"),
+    ({"input": "x", "tools": [{"type": "file_search"}]}, "tools"),
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input[0].content[0].type"),
     ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),

@@ -13,26 +13,9 @@ import pytest
 from openai import OpenAI
 from openai_server import TOOLS_MAX_MODEL_LEN, running_server
 from pydantic import BaseModel, Field
+from tool_schemas import ADD_PARAMETERS, PARAMETERS, regex_literal
 from transformers import AutoTokenizer
 
-WEATHER_PARAMETERS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "days", "unit"],
-    "additionalProperties": False,
-}
-ADD_PARAMETERS = {
-    "type": "object",
-    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                   "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-    "required": ["a", "b"],
-    "additionalProperties": False,
-}
-PARAMETERS = {"get_weather": WEATHER_PARAMETERS, "add": ADD_PARAMETERS}
 TOOLS = [
     {"type": "function", "function": {"name": name, "description": f"the {name} tool",
                                       "parameters": parameters}}
@@ -144,7 +127,7 @@ def test_auto_tool_choice_reads_hermes_calls(client):
     # The demo model never calls a tool by itself: a regex makes it write what the demo
     # template asks for, a <tool_call> block, which the server's hermes parser then reads.
     call = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
-    regex = r"Adding\.\n<tool_call>\n" + _regex_literal(call) + r"\n</tool_call>"
+    regex = r"Adding\.\n<tool_call>\n" + regex_literal(call) + r"\n</tool_call>"
     response = chat(client, tools=TOOLS, extra_body={"guided_regex": regex})
     (choice,) = response.choices
     assert choice.finish_reason == "tool_calls"
@@ -159,10 +142,6 @@ def test_auto_tool_choice_reads_hermes_calls(client):
     plain = chat(client, tools=TOOLS, tool_choice="none", extra_body={"guided_regex": regex})
     message = plain.choices[0].message
     assert message.tool_calls == [] and "<tool_call>" in message.content
-
-
-def _regex_literal(text: str) -> str:
-    return "".join("\\" + char if char in r"\.^$*+?()[]{}|" else char for char in text)
 
 
 def test_agent_loop_second_turn(client, tools_server):

@@ -17,9 +17,9 @@ DEFAULT_TTL_SECONDS = 3600.0
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     body: dict[str, Any]  # the response object as it was returned
-    # The conversation it answered and its reply, as chat messages, without its instructions
-    # (OpenAI does not carry instructions over to a continuation).
-    messages: list[dict[str, str]]
+    # The conversation it answered and its reply (with its tool calls), as chat messages, without
+    # its instructions (OpenAI does not carry instructions over to a continuation).
+    messages: list[dict[str, Any]]
 
 
 class ResponseStore:

@@ -1,5 +1,6 @@
-"""The Responses API's bodies: the request (text input only: a string or messages of text parts)
-and the response object and stream events as the openai SDK parses them."""
+"""The Responses API's bodies: the request (a string, or input items: messages of text parts and
+an agent's earlier function calls and their outputs) and the response object and stream events
+as the openai SDK parses them."""
 
 from __future__ import annotations
 
@@ -30,18 +31,27 @@ class ResponsesRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
 
 
-def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The request's input as chat messages with string content; anything but text messages
-    (function call items, images, files) is a 400 naming where it is."""
+def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input as chat messages with string content: function_call items become an
+    assistant message's tool_calls, function_call_output items tool messages. Anything else
+    (images, files, other tools' items) is a 400 naming where it is."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    messages = []
+    messages: list[dict[str, Any]] = []
     for index, item in enumerate(value):
         param = f"input[{index}]"
         kind = item.get("type", "message")
+        if kind == "function_call":
+            _add_call(messages, item, param)
+            continue
+        if kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
+                             "content": _text(item.get("output"), f"{param}.output")})
+            continue
         if kind != "message":
             raise invalid_param(
-                f"{param}.type {kind!r} is not supported: input items are messages", f"{param}.type"
+                f"{param}.type {kind!r} is not supported: input items are messages, "
+                "function_call and function_call_output", f"{param}.type"
             )
         role = item.get("role")
         if role not in INPUT_ROLES:
@@ -51,6 +61,24 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, str]]:
             )
         messages.append({"role": role, "content": _text(item.get("content"), param)})
     return messages
+
+
+def _add_call(messages: list[dict[str, Any]], item: dict[str, Any], param: str) -> None:
+    """A call joins the assistant message before it, as chat has an answer's text and calls in
+    one message (OpenAI's items split them)."""
+    call = {"id": _string(item, "call_id", param), "type": "function",
+            "function": {"name": _string(item, "name", param),
+                         "arguments": _string(item, "arguments", param)}}
+    if not messages or messages[-1]["role"] != "assistant":
+        messages.append({"role": "assistant", "content": None})
+    messages[-1].setdefault("tool_calls", []).append(call)
+
+
+def _string(item: dict[str, Any], key: str, param: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise invalid_param(f"{param}.{key} must be a string", f"{param}.{key}")
+    return value
 
 
 def _text(content: Any, param: str) -> str:
@@ -88,6 +116,15 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str  # the item's own id (fc_...)
+    call_id: str  # what the function_call_output answering it names (call_...)
+    name: str
+    arguments: str  # JSON text
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
     input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
@@ -108,12 +145,12 @@ class ResponseObject(BaseModel):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage]
+    output: list[OutputMessage | FunctionCallItem]
     parallel_tool_calls: bool = True
     previous_response_id: str | None
     temperature: float | None
     top_p: float | None
-    tool_choice: str = "auto"
+    tool_choice: str | dict[str, Any] = "auto"
     tools: list[Any] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: str = "disabled"

@@ -1,13 +1,13 @@
-"""POST /v1/responses (OpenAI's Responses API, text only) and GET /v1/responses/{id}.
+"""POST /v1/responses (OpenAI's Responses API: text and function tools) and
+GET /v1/responses/{id}.
 
-The input (a string or text messages), the stored conversation of `previous_response_id` and the
-`instructions` (a first system message, not carried over to continuations, as OpenAI does)
-are rendered through the chat template; the reply is one output message. A stream sends
-OpenAI's events: response.created, response.in_progress, response.output_item.added,
-response.content_part.added, response.output_text.delta..., response.output_text.done,
-response.content_part.done, response.output_item.done, then response.completed (or
-response.incomplete when max_output_tokens cut it short). Function tools are refused until the
-engine has tool calling.
+The input (a string, text messages, an agent's function_call and function_call_output items),
+the stored conversation of `previous_response_id` and the `instructions` (a first system message,
+not carried over to continuations, as OpenAI does) are rendered through the chat template, with
+the function tools. The reply is an output message and/or function_call items, read from the
+text by chat's tool calling (tool_choice as for chat, --enable-auto-tool-choice included). A
+stream sends response.created, response.in_progress, each item's events (responses_stream.py),
+then response.completed (or response.incomplete when max_output_tokens cut it short).
 """
 
 from __future__ import annotations
@@ -21,18 +21,26 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from pagoda.adapters.openai.chat_output import ChatOutputParser, ChoiceStream
 from pagoda.adapters.openai.errors import OpenAIError, invalid_param
 from pagoda.adapters.openai.parsing import parse_body
 from pagoda.adapters.openai.protocol import ChatMessage, UsageInfo
 from pagoda.adapters.openai.response_store import ResponseStore, StoredResponse
 from pagoda.adapters.openai.responses_protocol import (
-    OutputMessage,
-    OutputText,
+    FunctionCallItem,
     ResponseEvent,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
     input_messages,
+)
+from pagoda.adapters.openai.responses_stream import OutputWriter
+from pagoda.adapters.openai.responses_tools import (
+    OutputItem,
+    assistant_message,
+    new_item_id,
+    output_items,
+    plan_response_tools,
 )
 from pagoda.adapters.openai.sampling import build_sampling_params, check_streamable
 from pagoda.adapters.openai.serving import GenerationEndpoint, Job, Outputs
@@ -45,8 +53,10 @@ _PARAM_NAMES = {"prompt": "input", "max_tokens": "max_output_tokens"}
 @dataclass(slots=True)
 class ResponsesJob(Job):
     # The conversation answered (previous turns and this input), without the instructions.
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
+    # Reads tool calls out of the text; None when the text is all content (no tools).
+    output_parser: ChatOutputParser | None = None
     num_events: int = 0  # events streamed so far: the next one's sequence_number
 
     def event(self, kind: str, **fields: Any) -> ResponseEvent:
@@ -56,7 +66,7 @@ class ResponsesJob(Job):
 
 @dataclass(slots=True)
 class _Reply:
-    text: str = ""
+    output: list[OutputItem] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -76,11 +86,7 @@ class ResponsesEndpoint(GenerationEndpoint):
     def prepare(self, body: Any) -> Job:
         request = parse_body(ResponsesRequest, body)
         model = self.state.resolve_model(request.model)
-        if request.tools:
-            raise invalid_param(
-                "tools are not supported by /v1/responses yet: the server has no tool calling",
-                "tools",
-            )
+        tools = plan_response_tools(request, self.state.settings)
         text_format = (request.text or {}).get("format", {"type": "text"})
         if not isinstance(text_format, dict) or text_format.get("type") != "text":
             raise invalid_param("text.format: only {'type': 'text'} is supported", "text.format")
@@ -91,20 +97,23 @@ class ResponsesEndpoint(GenerationEndpoint):
         if request.instructions:
             conversation = [{"role": "system", "content": request.instructions}, *messages]
         prompt = self.state.render_chat(
-            [ChatMessage(**message) for message in conversation], None, None
+            [ChatMessage(**message) for message in conversation], None, None,
+            tools.template_tools,
         )
         params = build_sampling_params(
             request, max_tokens=request.max_output_tokens, logprobs=None,
-            param_names=_PARAM_NAMES,
+            param_names=_PARAM_NAMES, forced_tool_call=tools.forced,
+            skip_special_tokens=False if tools.reads_special_tokens else None,
         )
         check_streamable(request, params)
         return ResponsesJob(
             request=request, model=model, prompts=[prompt], params=params,
             param_names=_PARAM_NAMES, include_usage=False, request_id=self.new_request_id(),
             messages=messages,
+            output_parser=None if tools.mode is None else ChatOutputParser(None, tools.mode),
         )
 
-    def _history(self, previous_response_id: str | None) -> list[dict[str, str]]:
+    def _history(self, previous_response_id: str | None) -> list[dict[str, Any]]:
         if previous_response_id is None:
             return []
         stored = self.store.get(previous_response_id)
@@ -124,37 +133,58 @@ class ResponsesEndpoint(GenerationEndpoint):
         return JSONResponse(stored.body)
 
     def response(self, job: Job, outputs: dict[int, RequestOutput]) -> ResponseObject:
+        job = _job(job)
         (completion,) = outputs[0].outputs
-        reply = _Reply(completion.text, completion.finish_reason,
-                       len(outputs[0].prompt_token_ids), len(completion.token_ids))
-        return self._finish(_job(job), reply)
+        content, calls = completion.text, []
+        status = _status(completion.finish_reason)
+        if job.output_parser is not None:
+            message, _ = job.output_parser.message(completion.text)
+            content = message.content
+            calls = [
+                FunctionCallItem(id=new_item_id(), call_id=call.id, name=call.function.name,
+                                 arguments=call.function.arguments, status=status)
+                for call in message.tool_calls
+            ]
+        reply = _Reply(output_items(job.message_id, status, content, calls),
+                       completion.finish_reason, len(outputs[0].prompt_token_ids),
+                       len(completion.token_ids))
+        return self._finish(job, reply)
 
     async def chunks(self, job: Job, outputs: Outputs) -> AsyncIterator[ResponseEvent]:
         job = _job(job)
         event = job.event
         started = self._response(job, _Reply()).model_dump(mode="json")
-        item = {"item_id": job.message_id, "output_index": 0}
-        part = {**item, "content_index": 0}
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        message = OutputMessage(id=job.message_id, status="in_progress", content=[])
-        yield event("response.output_item.added", output_index=0, item=message.model_dump())
-        yield event("response.content_part.added", **part, part=OutputText(text="").model_dump())
+        writer = OutputWriter(event, job.message_id)
+        stream = None
+        if job.output_parser is None:
+            for item_event in writer.open_message():
+                yield item_event
+        else:
+            stream = ChoiceStream(job.output_parser)
         reply = _Reply()
         async for _, output in outputs:
             reply.num_prompt_tokens = len(output.prompt_token_ids)
             for completion in output.outputs:
                 reply.num_output_tokens += len(completion.token_ids)
                 reply.finish_reason = completion.finish_reason
-                if completion.text:
-                    reply.text += completion.text
-                    yield event("response.output_text.delta", **part, delta=completion.text,
-                                logprobs=[])
+                content, calls = completion.text, []
+                if stream is not None:
+                    delta = stream.feed(completion.text, completion.finished)
+                    if delta is None:
+                        continue
+                    content, calls = delta.content, delta.tool_calls or []
+                if content:
+                    for item_event in writer.content(content):
+                        yield item_event
+                for call in calls:
+                    for item_event in writer.call(call):
+                        yield item_event
+        for item_event in writer.finish(_status(reply.finish_reason)):
+            yield item_event
+        reply.output = writer.items
         final = self._finish(job, reply)
-        done = final.output[0]
-        yield event("response.output_text.done", **part, text=reply.text, logprobs=[])
-        yield event("response.content_part.done", **part, part=done.content[0].model_dump())
-        yield event("response.output_item.done", output_index=0, item=done.model_dump())
         kind = "response.completed" if final.status == "completed" else "response.incomplete"
         yield event(kind, response=final.model_dump(mode="json"))
 
@@ -176,7 +206,7 @@ class ResponsesEndpoint(GenerationEndpoint):
         final = self._response(job, reply)
         request = _request(job)
         if request.store is not False:
-            messages = [*job.messages, {"role": "assistant", "content": reply.text}]
+            messages = [*job.messages, assistant_message(reply.output)]
             self.store.put(final.id, StoredResponse(final.model_dump(mode="json"), messages))
         return final
 
@@ -186,11 +216,9 @@ class ResponsesEndpoint(GenerationEndpoint):
         if reply.finish_reason is None:
             status, output, usage, incomplete = "in_progress", [], None, None
         else:
-            cut = reply.finish_reason == "length"
-            status = "incomplete" if cut else "completed"
-            incomplete = {"reason": "max_output_tokens"} if cut else None
-            output = [OutputMessage(id=job.message_id, status=status,
-                                    content=[OutputText(text=reply.text)])]
+            status = _status(reply.finish_reason)
+            incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+            output = reply.output
             usage = ResponseUsage(
                 input_tokens=reply.num_prompt_tokens, output_tokens=reply.num_output_tokens,
                 total_tokens=reply.num_prompt_tokens + reply.num_output_tokens,
@@ -202,7 +230,13 @@ class ResponsesEndpoint(GenerationEndpoint):
             previous_response_id=request.previous_response_id,
             temperature=job.params.temperature, top_p=job.params.top_p,
             metadata=request.metadata or {}, store=request.store is not False, usage=usage,
+            tools=request.tools or [], tool_choice=request.tool_choice or "auto",
+            parallel_tool_calls=request.parallel_tool_calls is not False,
         )
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
 
 
 def _job(job: Job) -> ResponsesJob:

@@ -32,7 +32,7 @@ def _beyond(*harmless: Any) -> Refuses:
     return lambda value: _given(value) and value not in harmless
 
 
-TOOLS = "tool calling is served by /v1/chat/completions only"
+TOOLS = "tool calling is served by /v1/chat/completions and /v1/responses only"
 
 # field -> (whether a value is refused, why). NOTE: a field the request model declares is one
 # that endpoint implements, so it is not refused there.

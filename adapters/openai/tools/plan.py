@@ -35,15 +35,23 @@ class ToolPlan:
 
 
 def plan_tools(request: ChatCompletionRequest, settings: ServerSettings) -> ToolPlan:
-    tools = request.tools or []
-    choice = request.tool_choice
+    return plan_tool_calls(
+        request.tools or [], request.tool_choice, request.parallel_tool_calls is not False,
+        settings,
+    )
+
+
+def plan_tool_calls(
+    tools: list[ChatTool], choice: str | NamedToolChoice | None, parallel: bool,
+    settings: ServerSettings,
+) -> ToolPlan:
+    """The plan for chat's `tools` and `tool_choice`; the Responses API converts its own."""
     if not tools:
         if choice not in (None, "none"):
             raise invalid_param("tool_choice needs tools", "tool_choice")
         return ToolPlan()
     _check_unique_names(tools)
     template_tools = [tool.model_dump(exclude_none=True) for tool in tools]
-    parallel = request.parallel_tool_calls is not False
     if choice == "none":
         return ToolPlan(template_tools)
     if choice is None or choice == "auto":

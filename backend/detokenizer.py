@@ -100,21 +100,22 @@ class IncrementalDetokenizer:
             return None
         return self._emit(window_text[len(prefix_text) :])
 
-    def output_text(self, finished: bool) -> str:
+    def output_text(self, finished: bool, start: int = 0) -> str:
         """The text so far.
 
         While not finished, it never ends in an incomplete UTF-8 character and holds back a trailing
         part that could still become a stop string (the longest suffix that is a proper prefix of
         some stop string), so every streamed value is a prefix of the next and of the final text.
-        finished=True releases held-back text (the sequence ended for another reason).
+        finished=True releases held-back text (the sequence ended for another reason). `start`
+        skips the first characters (those a reader already has), so a delta costs its own size.
         """
         if not finished:
-            return self._text[: len(self._text) - self._num_held_chars]
+            return self._text[start : len(self._text) - self._num_held_chars]
         if self._stop_reason is None and len(self._window_ids) > self._read_offset:
             # The held tokens end in bytes that will never be completed: emit them, as U+FFFD.
             prefix_text = self._decode(self._window_ids[: self._read_offset])
             self._emit(self._decode(self._window_ids)[len(prefix_text) :])
-        return self._text
+        return self._text[start:]
 
     def _decode(self, token_ids: list[int]) -> str:
         if self._backend is not None:

@@ -64,10 +64,12 @@ class OutputProcessor:
             completions = [self._beam_completion(group, index, hypothesis)
                            for index, hypothesis in enumerate(group.beam_results)]
         else:
-            seqs = _reported_seqs(group)
+            seqs = _reported_seqs(group, finished)
             if delta:
                 sent = self._sent.setdefault(group.request_id, {})
-                seqs = [seq for seq in seqs if not sent.get(seq.seq_id, _Sent()).finished]
+                # A sample whose finish was sent has nothing more to say.
+                seqs = [seq for seq in seqs
+                        if seq.seq_id not in sent or not sent[seq.seq_id].finished]
             completions = [self._completion(group, seq, delta) for seq in seqs]
             if finished and group.params.num_sequences > group.params.n:
                 for rank, completion in enumerate(completions):
@@ -88,23 +90,24 @@ class OutputProcessor:
         )
 
     def _completion(self, group: SequenceGroup, seq: Sequence, delta: bool) -> CompletionOutput:
-        text = seq.detokenizer.output_text(finished=seq.is_finished) if seq.detokenizer else ""
-        token_ids = seq.output_token_ids
-        logprobs = seq.logprobs if group.want_logprobs else None
+        # NOTE: a delta reads only what is new (text, tokens and logprobs past what was sent), so
+        # a step costs each sequence its new tokens, not its whole output so far.
+        sent = (self._sent.setdefault(group.request_id, {}).setdefault(seq.seq_id, _Sent())
+                if delta else _Sent())
+        detokenizer = seq.detokenizer
+        text = detokenizer.output_text(seq.is_finished, sent.num_chars) if detokenizer else ""
+        token_ids = seq.token_ids[seq.num_prompt_tokens + sent.num_tokens :]
+        logprobs = seq.logprobs[sent.num_tokens :] if group.want_logprobs else None
         if delta:
-            sent = self._sent.setdefault(group.request_id, {}).setdefault(seq.seq_id, _Sent())
-            text, token_ids = text[sent.num_chars:], token_ids[sent.num_tokens:]
-            if logprobs is not None:
-                logprobs = logprobs[sent.num_tokens:]
             sent.num_chars += len(text)
             sent.num_tokens += len(token_ids)
             sent.finished = seq.is_finished
         return CompletionOutput(
             index=seq.index,
             text=text,
-            token_ids=list(token_ids),
+            token_ids=token_ids,
             cumulative_logprob=seq.cumulative_logprob,
-            logprobs=list(logprobs) if logprobs is not None else None,
+            logprobs=logprobs,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
@@ -144,11 +147,11 @@ def _streams_partial(group: SequenceGroup) -> bool:
     return not params.use_beam_search and params.num_sequences == params.n
 
 
-def _reported_seqs(group: SequenceGroup) -> list[Sequence]:
+def _reported_seqs(group: SequenceGroup, finished: bool) -> list[Sequence]:
     """The sequences a finished or running group reports on: with best_of > n, once finished,
     the n with the highest cumulative logprob, best first."""
     params = group.params
-    if not group.is_finished or params.num_sequences == params.n or group.beam is not None:
+    if not finished or params.num_sequences == params.n or group.beam is not None:
         return list(group.seqs)
     ranked = sorted(group.seqs, key=lambda seq: seq.cumulative_logprob, reverse=True)
     return ranked[: params.n]

@@ -654,6 +654,8 @@ def test_update_appends_several_tokens_and_stops_at_the_first_stop_token() -> No
     assert seq.num_computed_tokens == 6 and seq.seq_id not in blocks.block_tables
     assert group.status is GroupStatus.FINISHED and scheduler.running == [other]
     assert other.seqs[0].output_token_ids == [4] and not other.is_finished
+    scheduler.finish(other)  # an abort
+    assert blocks.block_tables == {} and blocks.pool.num_used_blocks == 0
 
 
 def test_update_forks_the_samples_of_a_shared_prefill_and_frees_each_as_it_stops() -> None:
@@ -673,6 +675,9 @@ def test_update_forks_the_samples_of_a_shared_prefill_and_frees_each_as_it_stops
     assert second.is_finished and second.seq_id not in blocks.block_tables
     assert [s.num_computed_tokens for s in group.seqs] == [9, 9, 9]
     assert not group.is_finished
+    scheduler.finish(group)  # an abort
+    blocks.check_invariants()
+    assert blocks.block_tables == {} and blocks.pool.num_used_blocks == 0
 
 
 def test_beam_candidates_fork_and_free_beams_through_the_scheduler() -> None:

@@ -68,13 +68,23 @@ WHEELHOUSES = [
     Wheelhouse("pagoda-cuda", [CUDA_TORCH, f"{ROOT}[gpu,fastchat]", "setuptools>=69"],
                [CUDA_TORCH, "pagoda[gpu,fastchat]", "setuptools>=69"], gpu=True),
 ]
-# pip evaluates environment markers with the Python it runs on: this host's 3.11.x may skip a
-# dependency that the image's 3.11.y needs (redis needs async-timeout below 3.11.3, and Debian
-# bookworm has 3.11.2). Each missing one found by a dry run in the image is added, round by round.
+# pip resolves for the Python it runs on: this host's 3.11.x may skip a dependency that the
+# image's 3.11.y needs (an environment marker: redis needs async-timeout below 3.11.3, and Debian
+# bookworm has 3.11.2), or take a release that needs a newer 3.11 than the image's (soupsieve
+# 4.1 wants 3.11.5). A dry run in the image finds each gap; one is closed per round.
 MAX_COMPLETION_ROUNDS = 10
+MISSING = re.compile(r"No matching distribution found for ([^;\s]+)")
+WRONG_PYTHON = re.compile(r"Package '([^']+)' requires a different Python: (\S+) not in")
 # Written into a wheelhouse once it installs in the image: the digest of what it was made for.
 COMPLETE_STAMP = ".complete"
-MISSING = re.compile(r"No matching distribution found for ([^;\s]+)")
+
+
+@dataclass(frozen=True)
+class Gap:
+    """What the image's pip found missing in a wheelhouse."""
+
+    requirement: str
+    image_python: str | None = None  # set when the wheelhouse's release is too new for it
 
 
 class Unavailable(RuntimeError):
@@ -154,9 +164,9 @@ def pip_wheel(folder: Path, requirements: list[str]) -> None:
          str(folder), *requirements], cwd=ROOT)
 
 
-def missing_in_image(folder: Path, requirements: list[str]) -> str | None:
-    """A dry run of the image's pip, without a network, on the wheelhouse: the first missing
-    requirement, or None when everything resolves."""
+def first_gap(folder: Path, requirements: list[str]) -> Gap | None:
+    """A dry run of the image's pip, without a network, on the wheelhouse: what it lacks first,
+    or None when everything resolves."""
     script = ("python3 -m venv /tmp/venv && /tmp/venv/bin/pip install --dry-run --no-index "
               "--disable-pip-version-check --find-links /wheels " + " ".join(
                   f"'{requirement}'" for requirement in requirements))
@@ -166,11 +176,26 @@ def missing_in_image(folder: Path, requirements: list[str]) -> str | None:
         check=False, capture_output=True, text=True)
     if checked.returncode == 0:
         return None
-    missing = MISSING.search(checked.stderr)
-    if missing is None:
-        raise RuntimeError(f"the wheelhouse {folder} does not install in {BASE_IMAGE}:\n"
-                           f"{checked.stderr[-3000:]}")
-    return missing.group(1)
+    if missing := MISSING.search(checked.stderr):
+        return Gap(missing.group(1))
+    if too_new := WRONG_PYTHON.search(checked.stderr):
+        return Gap(too_new.group(1), image_python=too_new.group(2))
+    raise RuntimeError(f"the wheelhouse {folder} does not install in {BASE_IMAGE}:\n"
+                       f"{checked.stderr[-3000:]}")
+
+
+def close_gap(folder: Path, gap: Gap) -> None:
+    if gap.image_python is None:
+        pip_wheel(folder, [gap.requirement])
+        return
+    # The newest release that the image's Python accepts, in place of the one it refuses.
+    project = re.sub(r"[-_.]+", "_", gap.requirement).lower()
+    for wheel in folder.glob("*.whl"):
+        if wheel.name.lower().startswith(f"{project}-"):
+            wheel.unlink()
+    run([sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--no-deps",
+         "--only-binary=:all:", "--python-version", gap.image_python, "--dest", str(folder),
+         gap.requirement], cwd=ROOT)
 
 
 def requirements_digest(wheelhouse: Wheelhouse) -> str:
@@ -195,11 +220,13 @@ def fill_wheelhouse(wheelhouse: Wheelhouse) -> None:
     logger.info("wheelhouse %s ...", wheelhouse.name)
     pip_wheel(folder, wheelhouse.requirements)
     for _ in range(MAX_COMPLETION_ROUNDS):
-        missing = missing_in_image(folder, wheelhouse.image_requirements)
-        if missing is None:
+        gap = first_gap(folder, wheelhouse.image_requirements)
+        if gap is None:
             break
-        logger.info("wheelhouse %s: the image's Python also needs %s", wheelhouse.name, missing)
-        pip_wheel(folder, [missing])
+        logger.info("wheelhouse %s: for the image's Python %s", wheelhouse.name,
+                    f"{gap.requirement} must be older (Python {gap.image_python})"
+                    if gap.image_python else f"also needs {gap.requirement}")
+        close_gap(folder, gap)
     else:
         raise RuntimeError(f"wheelhouse {wheelhouse.name}: still incomplete after "
                            f"{MAX_COMPLETION_ROUNDS} rounds")

@@ -27,7 +27,12 @@ import pytest
 
 pytest.importorskip("playwright")
 
-from browser_steps import CHROMIUM, assert_streamed, chat_in_open_webui, chromium_context
+from browser_steps import (
+    CHROMIUM,
+    assert_streamed,
+    chat_in_open_webui,
+    chromium_context,
+)
 from fastchat_processes import free_port
 
 pytestmark = pytest.mark.compose
@@ -172,10 +177,10 @@ def compose(docker_engine: None, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         stack("up", "-d", timeout=READY_SECONDS)
         for service in ("fastchat-controller", "pagoda", "pagoda-worker"):
-            wait_until(lambda: healthy(stack, service), READY_SECONDS, service, stack)
+            wait_until(lambda name=service: healthy(stack, name), READY_SECONDS, service, stack)
         for service, path in (("open-webui", "/health"), ("fastchat-arena", "/")):
             url = f"http://127.0.0.1:{ports[service]}{path}"
-            wait_until(lambda: answers(url), READY_SECONDS, url, stack)
+            wait_until(lambda page=url: answers(page), READY_SECONDS, url, stack)
         yield stack
     finally:
         stack("down", "-v", "--remove-orphans", timeout=300)
@@ -200,6 +205,18 @@ def test_open_webui_streams_an_answer_in_a_browser(compose):
                                     f"http://127.0.0.1:{compose.ports['open-webui']}",
                                     MODEL_NAMES[0], PROMPT)
     assert_streamed(answer)
+
+
+def test_pagoda_constrains_an_answer_to_a_json_schema(compose):
+    """Structured outputs in the CPU image, which leaves out triton (xgrammar's CUDA kernel)."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    response = httpx.post(f"http://127.0.0.1:{compose.ports['pagoda']}/v1/chat/completions", json={
+        "model": MODEL_NAMES[0], "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 32, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}},
+        timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
 
 
 def play_arena(compose: Compose) -> dict:

@@ -85,5 +85,6 @@ def chat_in_open_webui(page: Page, url: str, model_name: str, prompt: str) -> Op
 
 def assert_streamed(answer: OpenWebUIAnswer) -> None:
     assert answer.text.strip()
-    assert len(set(answer.lengths)) >= 3, f"the answer did not stream: {answer.lengths}"
+    assert len(set(answer.lengths)) >= 3, (
+        f"the answer did not stream: {answer.lengths}: {answer.text!r}")
     assert answer.lengths == sorted(answer.lengths)

@@ -35,7 +35,8 @@ from browser_steps import (
 )
 from fastchat_processes import free_port
 
-pytestmark = pytest.mark.compose
+# The first test's setup builds everything: pytest-timeout counts fixtures in.
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(5400)]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARENA_CLIENT = Path(__file__).with_name("fastchat_arena_client.py")

@@ -31,9 +31,6 @@ SERVE_MODEL_NAME = "vicuna-demo"  # FastChat's UIs choose the prompt format from
 WORKER_MODEL_NAME = "vicuna-demo-worker"
 # A small KV cache: several engines share one machine here.
 DEFAULT_ENGINE_ARGS = "--num-kv-blocks 256"
-# Open WebUI (0.12.4) calls functions natively by default: every chat from its UI carries its
-# built-in tools, with tool_choice left to "auto". The demo model's template writes Hermes calls.
-OPEN_WEBUI_TOOL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 STOP_SECONDS = 10.0
 READY_SECONDS = 300.0
 
@@ -88,7 +85,7 @@ class Stack:
                                    "--host", "127.0.0.1", "--port", str(self.ports.controller)])
         self._wait("controller", lambda: httpx.get(f"{self.controller_url}/test_connection"))
         self._spawn("pagoda", ["pagoda", "serve", "--port", str(self.ports.pagoda),
-                               "--served-model-name", SERVE_MODEL_NAME, *OPEN_WEBUI_TOOL_ARGS,
+                               "--served-model-name", SERVE_MODEL_NAME,
                                "--fastchat-controller", self.controller_url, *self.engine_args])
         for index in range(self.workers):
             port = self.ports.first_worker + index
@@ -174,6 +171,9 @@ def open_webui_env(pagoda_port: int, data_dir: Path) -> dict[str, str]:
         "OPENAI_API_BASE_URL": f"http://127.0.0.1:{pagoda_port}/v1", "OPENAI_API_KEY": "unused",
         "DATA_DIR": str(data_dir), "ENABLE_VERSION_UPDATE_CHECK": "false",
         "ANONYMIZED_TELEMETRY": "false", "DO_NOT_TRACK": "true",
+        # Open WebUI 0.12.4 sends its built-in tools with every chat from its UI (tool_choice
+        # "auto"); their schemas, ~12,000 tokens, would not fit the demo model's context.
+        "DEFAULT_MODEL_METADATA": '{"capabilities": {"builtin_tools": false}}',
     }
 
 

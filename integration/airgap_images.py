@@ -39,10 +39,11 @@ BASE_PACKAGES = ["python3", "python3-venv"]
 DEV_PACKAGES = [*BASE_PACKAGES, "gcc", "libc6-dev", "python3-dev"]
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 IMAGE_PYTHON = (3, 11)
-# torch first and pinned in every environment: unpinned, it resolves to a multi-GB CUDA build.
-# `torch==2.13.0` picks the CPU build (2.13.0+cpu) where one is offered (PyTorch's CPU index, or
-# a local find-links folder); `===2.13.0` matches only the plain version, PyPI's CUDA build.
-CPU_TORCH = "torch==2.13.0"
+# torch pinned in every environment: unpinned, it resolves to a multi-GB CUDA build. PyPI has
+# only the CUDA build of 2.13.0; `torch==2.13.0` takes 2.13.0+cpu wherever one is offered (PyTorch's
+# CPU wheels, found through its index page, or a find-links folder of pip's configuration), and
+# `===2.13.0` matches the plain version alone: PyPI's CUDA build.
+CPU_TORCH = ["--find-links", "https://download.pytorch.org/whl/cpu/torch/", "torch==2.13.0"]
 CUDA_TORCH = "torch===2.13.0"
 FASTCHAT_REQUIREMENTS = ROOT / "integration" / "fastchat-requirements.txt"
 OPEN_WEBUI_REQUIREMENTS = ROOT / "integration" / "open-webui-requirements.txt"
@@ -59,12 +60,12 @@ class Wheelhouse:
 
 WHEELHOUSES = [
     # setuptools: the Dockerfile builds Pagoda from its source, without build isolation's index.
-    Wheelhouse("pagoda", [CPU_TORCH, f"{ROOT}[fastchat]", "setuptools>=69"],
-               [CPU_TORCH, "pagoda[fastchat]", "setuptools>=69"]),
-    Wheelhouse("fastchat", [CPU_TORCH, "-r", str(FASTCHAT_REQUIREMENTS)],
-               [CPU_TORCH, "-r", f"/integration/{FASTCHAT_REQUIREMENTS.name}"]),
-    Wheelhouse("open-webui", [CPU_TORCH, "-r", str(OPEN_WEBUI_REQUIREMENTS)],
-               [CPU_TORCH, "-r", f"/integration/{OPEN_WEBUI_REQUIREMENTS.name}"]),
+    Wheelhouse("pagoda", [*CPU_TORCH, f"{ROOT}[fastchat]", "setuptools>=69"],
+               ["torch==2.13.0", "pagoda[fastchat]", "setuptools>=69"]),
+    Wheelhouse("fastchat", [*CPU_TORCH, "-r", str(FASTCHAT_REQUIREMENTS)],
+               ["torch==2.13.0", "-r", f"/integration/{FASTCHAT_REQUIREMENTS.name}"]),
+    Wheelhouse("open-webui", [*CPU_TORCH, "-r", str(OPEN_WEBUI_REQUIREMENTS)],
+               ["torch==2.13.0", "-r", f"/integration/{OPEN_WEBUI_REQUIREMENTS.name}"]),
     Wheelhouse("pagoda-cuda", [CUDA_TORCH, f"{ROOT}[gpu,fastchat]", "setuptools>=69"],
                [CUDA_TORCH, "pagoda[gpu,fastchat]", "setuptools>=69"], gpu=True),
 ]

@@ -1,10 +1,20 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# transformers (5.25 and later) imports the PyPI package `kernels`. `python -m pytest` puts the
+# checkout's root first on sys.path, where Pagoda's own kernels/ folder (installed as
+# pagoda.kernels) would shadow it; nothing here imports from the root (pagoda is installed), so
+# the root leaves the path, and PYTHONSAFEPATH keeps it off the path of the servers and scripts
+# the tests start with `python -m` from the root.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or os.getcwd()).resolve() != _CHECKOUT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton decides once per process, when it is first imported, whether kernels are compiled or run
 # by its interpreter. Without CUDA they can only be interpreted, so the suite turns the interpreter

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import PretrainedConfig
 
-from pagoda.backend.attention import AttentionBackend
+from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
 from pagoda.backend.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -23,17 +22,18 @@ MODEL_FAMILIES: dict[str, str] = {
 }
 
 
-def build_model(
-    config: PretrainedConfig, backend: AttentionBackend, max_positions: int
-) -> LlamaForCausalLM:
+def build_model(ctx: ModelContext) -> CausalLM:
+    """The native implementation of the checkpoint's architecture, built on the default device
+    and dtype with uninitialized weights (load_weights fills them)."""
+    config = ctx.config
     architectures = getattr(config, "architectures", None) or []
     for architecture in architectures:
         if architecture in MODEL_REGISTRY:
-            return MODEL_REGISTRY[architecture](config, backend, max_positions)
+            return MODEL_REGISTRY[architecture](ctx)
     raise ValueError(
         f"unsupported model architecture {architectures or config.model_type!r}; "
         f"supported: {sorted(MODEL_REGISTRY)}"
     )
 
 
-__all__ = ["MODEL_FAMILIES", "MODEL_REGISTRY", "build_model"]
+__all__ = ["MODEL_FAMILIES", "MODEL_REGISTRY", "CausalLM", "KVCache", "ModelContext", "build_model"]

@@ -18,6 +18,7 @@ from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
 from pagoda.backend.host import apply_cpu_threads
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
+from pagoda.backend.long_context import long_context_of
 from pagoda.backend.memory_profile import kv_cache_budget, profile_memory
 from pagoda.backend.model_input import build_model_input
 from pagoda.backend.model_output import ModelOutput
@@ -78,11 +79,13 @@ class LLMEngine:
             num_layers, num_blocks, config.block_size, num_kv_heads, head_dim, self.dtype,
             self.device,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.long_context = long_context_of(self.model, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching, self.long_context)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-            self.max_model_len, self.eos_token_ids,
+            self.max_model_len, self.eos_token_ids, long_context=self.long_context,
         )
         self.runner = ModelRunner(
             self.model, kv_caches, attention, Sampler(self.eos_token_ids, seed=config.seed),
@@ -307,7 +310,8 @@ class LLMEngine:
         if self.fault_injector is not None:
             for item in scheduler_output.scheduled:
                 self.fault_injector(item.group)
-        model_input = build_model_input(scheduler_output, self.block_manager, self.device)
+        model_input = build_model_input(scheduler_output, self.block_manager, self.device,
+                                        self.long_context)
         return self.runner.execute(model_input)
 
     def _outputs(self, groups: list[SequenceGroup]) -> list[RequestOutput]:

@@ -41,7 +41,9 @@ class Attention(nn.Module):
             f"{prefix}.qkv_proj", config.hidden_size,
             {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}, bias,
         )
-        self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, False)
+        # Qwen2 biases q/k/v only; `attention_bias` (Llama, Qwen3) biases o_proj too.
+        self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size,
+                                 getattr(config, "attention_bias", False))
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
 
@@ -53,15 +55,23 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query, key, value = self.qkv_proj(hidden).split(
-            [self.q_size, self.kv_size, self.kv_size], dim=-1
-        )
-        query = query.view(num_tokens, self.num_heads, self.head_dim)
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self.project_heads(hidden)
         query, key = apply_rotary(query, angles), apply_rotary(key, angles)
         out = self.backend.forward(query, key, value, *kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def project_heads(
+        self, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query [num_tokens, num_heads, head_dim], key and value [num_tokens, num_kv_heads,
+        head_dim], before the rotary embedding (Qwen3 normalizes q and k here)."""
+        num_tokens = hidden.shape[0]
+        query, key, value = self.qkv_proj(hidden).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        )
+        return (query.view(num_tokens, self.num_heads, self.head_dim),
+                key.view(num_tokens, self.num_kv_heads, self.head_dim),
+                value.view(num_tokens, self.num_kv_heads, self.head_dim))
 
 
 class MLP(nn.Module):
@@ -85,11 +95,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    def __init__(
+        self, ctx: ModelContext, prefix: str, attention: type[Attention] = Attention
+    ) -> None:
         super().__init__()
         config = ctx.config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(ctx, f"{prefix}.self_attn")
+        self.self_attn = attention(ctx, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(ctx, f"{prefix}.mlp")
 
@@ -105,13 +117,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # What a layer attends with; a family that differs only there (Qwen3) swaps it.
+    attention_class: type[Attention] = Attention
+
     def __init__(self, ctx: ModelContext) -> None:
         super().__init__()
         config = ctx.config
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(ctx, f"layers.{index}") for index in range(config.num_hidden_layers)
+            DecoderLayer(ctx, f"layers.{index}", self.attention_class)
+            for index in range(config.num_hidden_layers)
         )
         attn = self.layers[0].self_attn
         self.rotary = RotaryEmbedding(config, attn.head_dim, ctx.max_positions)

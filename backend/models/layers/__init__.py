@@ -1,6 +1,8 @@
-"""Building blocks the model families share: norms, rotary embeddings, linear layers whose
-storage a LinearMethod decides, and checkpoint loading by transformers' tensor names."""
+"""Building blocks the model families share: norms, activations, rotary embeddings, linear
+layers whose storage a LinearMethod decides, and checkpoint loading by transformers' tensor
+names."""
 
+from pagoda.backend.models.layers.activation import ACTIVATIONS, Activation, activation
 from pagoda.backend.models.layers.checkpoint import load_checkpoint
 from pagoda.backend.models.layers.linear import (
     UNQUANTIZED,
@@ -10,9 +12,10 @@ from pagoda.backend.models.layers.linear import (
     UnquantizedLinearMethod,
     copy_rows,
 )
-from pagoda.backend.models.layers.norm import RMSNorm
+from pagoda.backend.models.layers.norm import LayerNorm, PerHeadLayerNorm, RMSNorm
 from pagoda.backend.models.layers.rotary import (
     SUPPORTED_ROPE_TYPES,
+    LongRopeEmbedding,
     RotaryAngles,
     RotaryEmbedding,
     apply_rotary,
@@ -20,15 +23,21 @@ from pagoda.backend.models.layers.rotary import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "SUPPORTED_ROPE_TYPES",
     "UNQUANTIZED",
+    "Activation",
+    "LayerNorm",
     "Linear",
     "LinearMethod",
+    "LongRopeEmbedding",
     "OutputPart",
+    "PerHeadLayerNorm",
     "RMSNorm",
     "RotaryAngles",
     "RotaryEmbedding",
     "UnquantizedLinearMethod",
+    "activation",
     "apply_rotary",
     "copy_rows",
     "load_checkpoint",

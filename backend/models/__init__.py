@@ -31,7 +31,7 @@ MODEL_FAMILIES: dict[str, str] = {
     "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
     "Qwen3ForCausalLM": "Qwen3 dense, base and hybrid-thinking (0.6B-32B)",
     "Phi3ForCausalLM": "Phi-3 mini and medium (4k, and 128k with LongRoPE), Phi-3.5-mini, "
-                       "Phi-4-mini",
+                       "Phi-4 and Phi-4-mini",
     "GPTNeoXForCausalLM": "Pythia, Dolly v2, OpenAssistant's Pythia SFT models, StableLM-alpha "
                           "(base and tuned), GPT-NeoX-20B, RedPajama-INCITE",
     "StableLmForCausalLM": "StableLM-3B-4E1T, StableLM 2 (1.6B, 12B; base, chat, Zephyr), "

@@ -14,6 +14,7 @@ from pagoda.backend.models.layers.linear import (
 )
 from pagoda.backend.models.layers.norm import LayerNorm, PerHeadLayerNorm, RMSNorm
 from pagoda.backend.models.layers.rotary import (
+    LONGROPE_ARCHITECTURES,
     SUPPORTED_ROPE_TYPES,
     LongRopeEmbedding,
     RotaryAngles,
@@ -24,6 +25,7 @@ from pagoda.backend.models.layers.rotary import (
 
 __all__ = [
     "ACTIVATIONS",
+    "LONGROPE_ARCHITECTURES",
     "SUPPORTED_ROPE_TYPES",
     "UNQUANTIZED",
     "Activation",

@@ -15,6 +15,7 @@ RotaryAngles = tuple[torch.Tensor, torch.Tensor]
 # "longrope" switches its frequencies with the sequence's length: LongRopeEmbedding, for the
 # families whose reference recomputes the cache when it switches (Phi-3).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+LONGROPE_ARCHITECTURES = ("Phi3ForCausalLM",)
 
 
 class RotaryEmbedding(nn.Module):
@@ -36,7 +37,8 @@ class RotaryEmbedding(nn.Module):
         rope = dict(config.rope_parameters or {})
         self.rope_type = rope.get("rope_type", "default")
         if self.rope_type not in self.rope_types:
-            hint = " (longrope: Phi3ForCausalLM only)" if self.rope_type == "longrope" else ""
+            hint = (f" (longrope: {', '.join(LONGROPE_ARCHITECTURES)} only)"
+                    if self.rope_type == "longrope" else "")
             raise ValueError(
                 f"rope_type {self.rope_type!r} is not supported for "
                 f"{config.architectures or config.model_type}; supported: {self.rope_types}{hint}"

@@ -15,6 +15,7 @@ from pagoda.backend.config import EngineConfig
 from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
+from pagoda.backend.generation_defaults import load_sampling_defaults
 from pagoda.backend.host import apply_cpu_threads
 from pagoda.backend.kv.block_manager import BlockManager, KVStats
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
@@ -83,6 +84,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           config.enable_prefix_caching, self.long_context)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
+        self.sampling_defaults = load_sampling_defaults(config.generation_config, model_path)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.eos_token_ids, long_context=self.long_context,

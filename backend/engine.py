@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from pagoda.backend.attention import AttentionBackend, get_attention_backend
 from pagoda.backend.beam_search import BeamSearchState
+from pagoda.backend.chat_formats import fallback_chat_template
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 from pagoda.backend.detokenizer import IncrementalDetokenizer
@@ -92,6 +93,11 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, kv_caches, attention, Sampler(self.eos_token_ids, seed=config.seed),
             self.device, self._graph_runner(kv_caches, attention),
+        )
+        # For a tokenizer without a chat template: its family's, when known.
+        self.fallback_chat_template = None if self.tokenizer.chat_template else (
+            fallback_chat_template(getattr(hf_config, "architectures", None) or [],
+                                   [config.model or "", self.tokenizer.name_or_path])
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputs(
@@ -206,11 +212,14 @@ class LLMEngine:
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """A conversation as prompt text, through the model's (or the given) chat template;
-        `tools` (OpenAI tool definitions) are the template's `tools` variable."""
+        `tools` (OpenAI tool definitions) are the template's `tools` variable. A tokenizer
+        without a template falls back on its family's format (backend/chat_formats.py)."""
         if chat_template is None and not self.tokenizer.chat_template:
-            raise InvalidParameter(
-                "chat_template", "this model has no chat template; pass chat_template"
-            )
+            chat_template = self.fallback_chat_template
+            if chat_template is None:
+                raise InvalidParameter(
+                    "chat_template", "this model has no chat template; pass chat_template"
+                )
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=chat_template,

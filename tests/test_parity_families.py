@@ -131,3 +131,17 @@ def test_longrope_prefix_cache_keeps_short_and_long_sequences_apart(checkpoint):
     llm.generate([short[:16] + tail[1:5]], params, use_tqdm=False)
     assert blocks.prefix_cache_hits == hits + 1
     llm.engine.check_no_leaks()
+
+
+def test_qwen3_sliding_window_layers_are_refused_by_name():
+    from transformers import Qwen3Config
+
+    from pagoda.backend.attention import TorchAttentionBackend
+    from pagoda.backend.models import ModelContext, build_model
+
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                         sliding_window=16, max_window_layers=1,
+                         architectures=["Qwen3ForCausalLM"])
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM: layer_types makes layers \[1, 2\]"):
+        build_model(ModelContext(config, TorchAttentionBackend(), 64))

@@ -112,6 +112,24 @@ def test_longrope_sequences_growing_past_the_switch_are_recomputed(checkpoint, c
     llm.engine.check_no_leaks()
 
 
+def test_longrope_beam_search_through_the_switch_matches_transformers(checkpoint):
+    """Beams recomputed together when they grow past the switch, as transformers' beams are."""
+    path = checkpoint("phi3-longrope")
+    llm = LLM(path, num_kv_blocks=40, max_num_batched_tokens=16)
+    (prompt,) = _prompts(llm.engine.hf_config.vocab_size, lengths=(28,))
+    params = SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=12,
+                            ignore_eos=True)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)
+    with torch.no_grad():
+        reference = _hf_model(path).generate(
+            torch.tensor([prompt]), num_beams=2, num_return_sequences=2, do_sample=False,
+            max_new_tokens=12, min_new_tokens=12, early_stopping=True,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    assert [c.token_ids for c in output.outputs] == [r[len(prompt):].tolist() for r in reference]
+    llm.engine.check_no_leaks()
+
+
 def test_longrope_prefix_cache_keeps_short_and_long_sequences_apart(checkpoint):
     """A cached block computed for a short sequence holds other keys than the same tokens in a
     long one: a long prompt must not reuse it, a short one may."""

@@ -51,18 +51,22 @@ class SamplingDefaults:
         return self.max_tokens if max_tokens is None else min(max_tokens, self.max_tokens)
 
 
+# No defaults: the API's and SamplingParams' own apply.
+NO_SAMPLING_DEFAULTS = SamplingDefaults()
+
+
 def load_sampling_defaults(source: str, model_path: Path) -> SamplingDefaults:
     """The defaults `source` names: "auto" (the model's folder), "vllm" (none) or a folder
     holding a generation_config.json."""
     if source == "vllm":
-        return SamplingDefaults()
+        return NO_SAMPLING_DEFAULTS
     folder = model_path if source == "auto" else Path(source).expanduser()
     try:
         config = GenerationConfig.from_pretrained(folder)
     except OSError:
         if source != "auto":
             raise ValueError(f"generation_config: no generation_config.json in {folder}") from None
-        return SamplingDefaults()
+        return NO_SAMPLING_DEFAULTS
     # NOTE: what the file sets (to_diff_dict, as vLLM reads it): transformers' own fallbacks,
     # such as top_k=50 in generate, never become defaults here.
     diff = config.to_diff_dict()
@@ -70,7 +74,7 @@ def load_sampling_defaults(source: str, model_path: Path) -> SamplingDefaults:
     if values["top_k"] == 0:
         values["top_k"] = -1  # transformers' "no top-k" is SamplingParams' -1
     defaults = SamplingDefaults(**values, max_tokens=diff.get("max_new_tokens"))
-    if defaults != SamplingDefaults():
+    if defaults != NO_SAMPLING_DEFAULTS:
         logger.info("sampling defaults from %s/generation_config.json (requests that set these "
                     "override them; --generation-config vllm ignores them): %s", folder,
                     {**defaults.sampling_values(), "max_tokens cap": defaults.max_tokens})

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagoda.backend.errors import EngineError, InvalidParameter, PromptTooLong
-from pagoda.backend.generation_defaults import SamplingDefaults
+from pagoda.backend.generation_defaults import NO_SAMPLING_DEFAULTS, SamplingDefaults
 from pagoda.backend.sampling_params import SamplingParams
 
 # FastChat's default when a request names no max_new_tokens (fastchat/serve/inference.py).
@@ -80,7 +80,7 @@ class GenerateRequest(BaseModel):
         # "echo": false for chat, and completions pass the client's echo through.
         return True if self.echo is None else self.echo
 
-    def sampling_params(self, defaults: SamplingDefaults = SamplingDefaults()) -> SamplingParams:
+    def sampling_params(self, defaults: SamplingDefaults = NO_SAMPLING_DEFAULTS) -> SamplingParams:
         """The engine's parameters for this request; WorkerError 40302 for a value out of range.
         `defaults` (the model's generation_config.json) fill the fields the request leaves
         unset and cap max_new_tokens, as on the OpenAI side (FastChat's peers send most)."""

@@ -6,7 +6,7 @@ from pagoda.adapters.openai.errors import engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
 from pagoda.adapters.openai.structured import structured_outputs_of
 from pagoda.backend.errors import InvalidParameter
-from pagoda.backend.generation_defaults import SamplingDefaults
+from pagoda.backend.generation_defaults import NO_SAMPLING_DEFAULTS, SamplingDefaults
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.backend.structured import StructuredOutputsParams
 
@@ -29,7 +29,7 @@ def build_sampling_params(
     echo: bool = False,
     forced_tool_call: StructuredOutputsParams | None = None,
     skip_special_tokens: bool | None = None,
-    defaults: SamplingDefaults = SamplingDefaults(),
+    defaults: SamplingDefaults = NO_SAMPLING_DEFAULTS,
 ) -> SamplingParams:
     """max_tokens, logprobs and prompt_logprobs come resolved (their request fields differ
     between endpoints); `param_names` maps a SamplingParams field to the request field an error

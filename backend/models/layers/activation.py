@@ -14,7 +14,8 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     # transformers' NewGELUActivation (GPT-2's tanh approximation), written as it writes it.
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+    return 0.5 * x * (1.0 + torch.tanh(inner))
 
 
 def _gelu_fast(x: torch.Tensor) -> torch.Tensor:

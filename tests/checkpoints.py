@@ -10,8 +10,10 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -43,6 +45,15 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
     "mistral-window": (MistralConfig, "MistralForCausalLM",
                        dict(num_key_value_heads=2, sliding_window=40)),
     "qwen2": (Qwen2Config, "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "mixtral": (MixtralConfig, "MixtralForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+    )),
+    # Layer 0 sparse, layer 1 dense (mlp_only_layers); top-k weights not renormalized.
+    "qwen2-moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=3,
+        norm_topk_prob=False, mlp_only_layers=[1], qkv_bias=True,
+    )),
 }
 
 

@@ -6,11 +6,15 @@ from torch import nn
 
 from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
 from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.mixtral import MixtralForCausalLM
+from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 # What each architecture covers, for `pagoda architectures` (the README's table is its output).
 MODEL_FAMILIES: dict[str, str] = {
@@ -19,6 +23,9 @@ MODEL_FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "Mistral 7B v0.1-v0.3 (v0.1's sliding-window attention included), "
                           "Zephyr and other Mistral fine-tunes",
     "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
+    "MixtralForCausalLM": "Mixtral 8x7B and 8x22B, base and Instruct (top-2 of 8 experts)",
+    "Qwen2MoeForCausalLM": "Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, base and Chat/Instruct "
+                           "(routed experts plus a gated shared expert)",
 }
 
 

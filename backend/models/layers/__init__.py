@@ -1,7 +1,8 @@
 """Building blocks the model families share: norms, rotary embeddings, linear layers whose
-storage a LinearMethod decides, and checkpoint loading by transformers' tensor names."""
+storage a LinearMethod decides, mixture-of-experts feed-forwards, and checkpoint loading by
+transformers' tensor names."""
 
-from pagoda.backend.models.layers.checkpoint import load_checkpoint
+from pagoda.backend.models.layers.checkpoint import LoadsOwnTensors, load_checkpoint
 from pagoda.backend.models.layers.linear import (
     UNQUANTIZED,
     Linear,
@@ -10,6 +11,7 @@ from pagoda.backend.models.layers.linear import (
     UnquantizedLinearMethod,
     copy_rows,
 )
+from pagoda.backend.models.layers.moe import ExpertNames, SparseMoE, StackedExperts, route
 from pagoda.backend.models.layers.norm import RMSNorm
 from pagoda.backend.models.layers.rotary import (
     SUPPORTED_ROPE_TYPES,
@@ -22,15 +24,20 @@ from pagoda.backend.models.layers.rotary import (
 __all__ = [
     "SUPPORTED_ROPE_TYPES",
     "UNQUANTIZED",
+    "ExpertNames",
     "Linear",
     "LinearMethod",
+    "LoadsOwnTensors",
     "OutputPart",
     "RMSNorm",
     "RotaryAngles",
     "RotaryEmbedding",
+    "SparseMoE",
+    "StackedExperts",
     "UnquantizedLinearMethod",
     "apply_rotary",
     "copy_rows",
     "load_checkpoint",
     "materialize",
+    "route",
 ]

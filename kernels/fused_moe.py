@@ -48,4 +48,4 @@ def fused_moe_reference(
     weighted = expert_out.float() * topk_weights.flatten()[order, None].float()
     pairs = torch.empty_like(weighted)
     pairs[order] = weighted
-    return pairs.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    return pairs.view(num_tokens, top_k, down.shape[1]).sum(dim=1).to(hidden.dtype)

@@ -4,9 +4,9 @@ Same contract as `pagoda.kernels.fused_moe_reference`. The (token, choice) pairs
 the expert they chose and each expert's run is padded to whole blocks of BLOCK_M rows
 (`sort_by_expert`), so every program multiplies one block of rows by one expert's weights:
 
-1. `_gate_up_kernel`: rows of hidden states x the expert's gate and up weights, both accumulated
+1. `_moe_gate_up_kernel`: rows of hidden states x the expert's gate and up weights, both accumulated
    in the same program, and silu(gate) * up stored per pair (the intermediate activations);
-2. `_down_kernel`: the activations x the expert's down weights, times the pair's routing weight,
+2. `_moe_down_kernel`: the activations x the expert's down weights, times the pair's routing weight,
    stored per pair in float32; each token then sums its top_k pairs.
 
 The sort runs on the device with fixed-size outputs (an upper bound of blocks; blocks past the
@@ -80,7 +80,7 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Ex
 
 # The number of pairs changes every step: not specialized on, so it compiles one variant.
 @triton.jit(do_not_specialize=["num_pairs"])
-def _gate_up_kernel(
+def _moe_gate_up_kernel(
     hidden_ptr, gate_up_ptr, out_ptr, pair_ids_ptr, block_expert_ptr,
     num_pairs, num_experts, hidden_size, intermediate_size,
     stride_hidden_token, stride_weight_expert, stride_weight_row, stride_out_pair,
@@ -125,7 +125,7 @@ def _gate_up_kernel(
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _down_kernel(
+def _moe_down_kernel(
     activations_ptr, down_ptr, out_ptr, pair_ids_ptr, block_expert_ptr, routing_weights_ptr,
     num_pairs, num_experts, hidden_size, intermediate_size,
     stride_activations_pair, stride_weight_expert, stride_weight_row, stride_out_pair,
@@ -187,7 +187,7 @@ def fused_moe_triton(
     num_blocks = blocks.block_expert.numel()
     operand = dot_dtype(gate_up)
     activations = hidden.new_empty(num_pairs, intermediate_size)
-    _gate_up_kernel[(num_blocks, triton.cdiv(intermediate_size, BLOCK_N))](
+    _moe_gate_up_kernel[(num_blocks, triton.cdiv(intermediate_size, BLOCK_N))](
         hidden, gate_up, activations, blocks.pair_ids, blocks.block_expert,
         num_pairs, num_experts, hidden_size, intermediate_size,
         hidden.stride(0), gate_up.stride(0), gate_up.stride(1), activations.stride(0),
@@ -195,7 +195,7 @@ def fused_moe_triton(
         DOT_DTYPE=operand,
     )
     weighted = torch.empty(num_pairs, hidden_size, dtype=torch.float32, device=hidden.device)
-    _down_kernel[(num_blocks, triton.cdiv(hidden_size, BLOCK_N))](
+    _moe_down_kernel[(num_blocks, triton.cdiv(hidden_size, BLOCK_N))](
         activations, down, weighted, blocks.pair_ids, blocks.block_expert,
         topk_weights.float().contiguous(),
         num_pairs, num_experts, hidden_size, intermediate_size,

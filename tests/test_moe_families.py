@@ -17,7 +17,7 @@ from pagoda.backend.attention import ATTENTION_BACKEND_ENV, TorchAttentionBacken
 from pagoda.backend.models import ModelContext, build_model
 from pagoda.backend.models.layers import SparseMoE
 
-VARIANTS = ("mixtral", "qwen2-moe")
+VARIANTS = ("mixtral", "qwen2-moe", "qwen3-moe")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -8,6 +8,7 @@ from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
 from pagoda.backend.models.llama import LlamaForCausalLM
 from pagoda.backend.models.mixtral import MixtralForCausalLM
 from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
+from pagoda.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -15,6 +16,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 # What each architecture covers, for `pagoda architectures` (the README's table is its output).
 MODEL_FAMILIES: dict[str, str] = {
@@ -26,6 +28,8 @@ MODEL_FAMILIES: dict[str, str] = {
     "MixtralForCausalLM": "Mixtral 8x7B and 8x22B, base and Instruct (top-2 of 8 experts)",
     "Qwen2MoeForCausalLM": "Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, base and Chat/Instruct "
                            "(routed experts plus a gated shared expert)",
+    "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B and Qwen3-Coder-30B-A3B, base, "
+                           "Instruct and Thinking",
 }
 
 

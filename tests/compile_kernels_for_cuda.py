@@ -5,8 +5,8 @@ TRITON_INTERPRET); instead of launching, every launch goes through Triton's own 
 and specialization for a target GPU and is compiled down to a cubin with the ptxas bundled in the
 triton wheel. This checks what the interpreter cannot: that the kernels are valid compiled Triton
 (types of loop-carried values, constexpr use, tl.dot shapes and operand types) for the float16,
-bfloat16 and float32 variants of two head layouts (and of the fused-MoE kernels), on Ampere (sm_80) and Hopper (sm_90). It does
-not run them.
+bfloat16 and float32 variants of two head layouts and of the fused-MoE kernels, on Ampere (sm_80)
+and Hopper (sm_90). It does not run them.
 
     python tests/compile_kernels_for_cuda.py   (test_kernels.py runs it)
 

@@ -17,6 +17,8 @@ from pagoda.backend.models.layers import (
     load_checkpoint,
     route,
 )
+from pagoda.backend.models.layers.moe import experts_function
+from pagoda.kernels import fused_moe_reference
 
 NAMES = ExpertNames(gate="w1", up="w3", down="w2")
 
@@ -84,3 +86,9 @@ def test_a_router_that_does_not_fit_the_experts_is_refused():
         _Block(top_k=5)
     with pytest.raises(ValueError, match="router has 3 outputs for 4 experts"):
         SparseMoE(Linear(8, 3, bias=False), StackedExperts(4, 8, 6, NAMES), 2, True)
+
+
+def test_experts_run_the_triton_kernel_on_cuda_and_grouped_torch_elsewhere():
+    triton_kernels = pytest.importorskip("pagoda.kernels.triton")
+    assert experts_function("cuda") is triton_kernels.fused_moe_triton
+    assert experts_function("cpu") is fused_moe_reference

@@ -68,7 +68,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str, intermediate_size: int | None = None) -> None:
+    def __init__(
+        self, ctx: ModelContext, prefix: str, intermediate_size: int | None = None
+    ) -> None:
         """`intermediate_size` None: the config's."""
         super().__init__()
         config = ctx.config

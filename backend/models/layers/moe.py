@@ -95,7 +95,7 @@ class StackedExperts(nn.Module):
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         """hidden [num_tokens, hidden]; the router's choices [num_tokens, top_k]."""
-        return _experts_function(hidden.device.type)(
+        return experts_function(hidden.device.type)(
             hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids
         )
 
@@ -131,7 +131,7 @@ def _band_sink(stacked: torch.Tensor, expert: int, part: OutputPart) -> TensorSi
 
 
 @cache
-def _experts_function(device_type: str) -> ExpertsFunction:
+def experts_function(device_type: str) -> ExpertsFunction:
     """The experts' computation for tensors on a device of this type: the Triton kernel on CUDA
     (when triton is installed), the grouped torch one elsewhere. Decided once per type."""
     if device_type == "cuda":

@@ -76,7 +76,8 @@ class MLP(nn.Module):
         config = ctx.config
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-        self.intermediate_size = intermediate_size or config.intermediate_size
+        self.intermediate_size = (config.intermediate_size if intermediate_size is None
+                                  else intermediate_size)
         self.gate_up_proj = ctx.linear(
             f"{prefix}.gate_up_proj", config.hidden_size,
             {"gate_proj": self.intermediate_size, "up_proj": self.intermediate_size}, False,
@@ -104,9 +105,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         config = ctx.config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = attention or Attention(ctx, f"{prefix}.self_attn")
+        self.self_attn = Attention(ctx, f"{prefix}.self_attn") if attention is None else attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = mlp or MLP(ctx, f"{prefix}.mlp")
+        self.mlp = MLP(ctx, f"{prefix}.mlp") if mlp is None else mlp
 
     def forward(
         self,

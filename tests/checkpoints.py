@@ -11,11 +11,14 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
     StableLmConfig,
 )
 
@@ -48,8 +51,29 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
     "mistral-window": (MistralConfig, "MistralForCausalLM",
                        dict(num_key_value_heads=2, sliding_window=40)),
     "qwen2": (Qwen2Config, "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "mixtral": (MixtralConfig, "MixtralForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=40,
+    )),
+    # Layer 0 sparse, layer 1 dense (mlp_only_layers); top-k weights not renormalized.
+    "qwen2-moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=3,
+        norm_topk_prob=False, mlp_only_layers=[1], qkv_bias=True,
+    )),
+    # Every layer sparse; heads wider than hidden_size / num_heads, as in Qwen3; biases on q, k,
+    # v and o (attention_bias); one window for all layers (use_sliding_window).
+    "qwen3-moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM", dict(
+        num_key_value_heads=2, head_dim=32, intermediate_size=48, moe_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True,
+        use_sliding_window=True, sliding_window=48,
+    )),
     # Dense families beyond Llama's: each variant turns on what tells its family apart.
     "qwen3": (Qwen3Config, "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32)),
+    # Every layer windowed (use_sliding_window from layer 0 on).
+    "qwen3-window": (Qwen3Config, "Qwen3ForCausalLM", dict(
+        num_key_value_heads=2, use_sliding_window=True, max_window_layers=0, sliding_window=40,
+    )),
     "phi3": (Phi3Config, "Phi3ForCausalLM",
              dict(num_key_value_heads=2, sliding_window=40, pad_token_id=0)),
     # LongRoPE switching at 32 tokens, so prompts start below and above it and grow past it;
@@ -82,8 +106,8 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
 }
 # Variants whose norm weights (and biases) get random values: transformers initializes them to
 # ones and zeros, which would leave per-head norms, LayerNorm biases and the like untested.
-RANDOM_NORMS = {"qwen3", "phi3", "phi3-longrope", "gpt-neox", "gpt-neox-sequential", "stablelm",
-                "stablelm-parallel", "opt", "opt-post-norm"}
+RANDOM_NORMS = {"qwen3", "qwen3-window", "phi3", "phi3-longrope", "gpt-neox",
+                "gpt-neox-sequential", "stablelm", "stablelm-parallel", "opt", "opt-post-norm"}
 
 
 def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Path:

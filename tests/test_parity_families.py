@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from pagoda.backend import LLM, SamplingParams
 from pagoda.backend.attention import ATTENTION_BACKEND_ENV
 
-VARIANTS = ("qwen3", "phi3", "phi3-longrope", "gpt-neox", "gpt-neox-sequential", "stablelm",
+VARIANTS = ("qwen3", "qwen3-window", "phi3", "phi3-longrope", "gpt-neox", "gpt-neox-sequential", "stablelm",
             "stablelm-parallel", "opt", "opt-post-norm")
 # One variant per family for the (interpreted, slow) Triton path.
 TRITON_VARIANTS = ("qwen3", "phi3-longrope", "gpt-neox", "stablelm", "opt")
@@ -161,5 +161,5 @@ def test_qwen3_sliding_window_layers_are_refused_by_name():
                          num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
                          sliding_window=16, max_window_layers=1,
                          architectures=["Qwen3ForCausalLM"])
-    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM: layer_types makes layers \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"layer_types makes only layers \[1, 2\] sliding"):
         build_model(ModelContext(config, TorchAttentionBackend(), 64))

@@ -1,9 +1,9 @@
 """Building blocks the model families share: norms, activations, rotary embeddings, linear
-layers whose storage a LinearMethod decides, and checkpoint loading by transformers' tensor
-names."""
+layers whose storage a LinearMethod decides, mixture-of-experts feed-forwards, and checkpoint
+loading by transformers' tensor names."""
 
 from pagoda.backend.models.layers.activation import ACTIVATIONS, Activation, activation
-from pagoda.backend.models.layers.checkpoint import load_checkpoint
+from pagoda.backend.models.layers.checkpoint import LoadsOwnTensors, load_checkpoint
 from pagoda.backend.models.layers.linear import (
     UNQUANTIZED,
     Linear,
@@ -12,6 +12,7 @@ from pagoda.backend.models.layers.linear import (
     UnquantizedLinearMethod,
     copy_rows,
 )
+from pagoda.backend.models.layers.moe import ExpertNames, SparseMoE, StackedExperts, route
 from pagoda.backend.models.layers.norm import LayerNorm, PerHeadLayerNorm, RMSNorm
 from pagoda.backend.models.layers.rotary import (
     LONGROPE_ARCHITECTURES,
@@ -29,19 +30,24 @@ __all__ = [
     "SUPPORTED_ROPE_TYPES",
     "UNQUANTIZED",
     "Activation",
+    "ExpertNames",
     "LayerNorm",
     "Linear",
     "LinearMethod",
+    "LoadsOwnTensors",
     "LongRopeEmbedding",
     "OutputPart",
     "PerHeadLayerNorm",
     "RMSNorm",
     "RotaryAngles",
     "RotaryEmbedding",
+    "SparseMoE",
+    "StackedExperts",
     "UnquantizedLinearMethod",
     "activation",
     "apply_rotary",
     "copy_rows",
     "load_checkpoint",
     "materialize",
+    "route",
 ]

@@ -25,12 +25,15 @@ from pagoda.backend.async_engine import AsyncEngine, EngineSnapshot
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed
+from pagoda.backend.kv.block_manager import PrefixCacheFlush
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.pooling_params import PoolingParams
 from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampling_params import SamplingParams
 
-__all__ = ["EngineClient", "EngineSnapshot", "ModelInfo", "PoolingParams", "Prompt"]
+__all__ = [
+    "EngineClient", "EngineSnapshot", "ModelInfo", "PoolingParams", "PrefixCacheFlush", "Prompt",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,12 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
+
+    async def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Empty the prefix cache of the blocks no request holds, on the engine thread between
+        two steps; requests in flight keep their blocks and go on. RequestFailed when the engine
+        is not running."""
+        return await self._engine.run_between_steps(LLMEngine.flush_prefix_cache)
 
     # -- text -------------------------------------------------------------------------------
 

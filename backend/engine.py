@@ -52,6 +52,7 @@ class LLMEngine:
         self.device = config.torch_device
         apply_cpu_threads(config.cpu_threads)
         model_path = resolve_engine_model(config)
+        self.model_path = model_path  # the local folder the weights were loaded from
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         check_unquantized(hf_config)
         self.hf_config = hf_config

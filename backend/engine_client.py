@@ -32,7 +32,8 @@ from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampling_params import SamplingParams
 
 __all__ = [
-    "EngineClient", "EngineSnapshot", "ModelInfo", "PoolingParams", "PrefixCacheFlush", "Prompt",
+    "EngineClient", "EngineSetup", "EngineSnapshot", "ModelInfo", "PoolingParams",
+    "PrefixCacheFlush", "Prompt",
 ]
 
 
@@ -49,6 +50,28 @@ class ModelInfo:
     tokenizer: PreTrainedTokenizerBase
 
 
+@dataclass(frozen=True, slots=True)
+class EngineSetup:
+    """How the engine is set up and sized, for servers that describe themselves to routers and
+    operators (/server_info, /model_info)."""
+
+    model_path: str  # the local folder the weights were loaded from
+    tokenizer_path: str  # as configured, or the model's folder
+    model_type: str  # the checkpoint's config.json model_type ("llama", "qwen2", ...)
+    architectures: tuple[str, ...]  # ... and its architectures
+    dtype: str  # the compute dtype, resolved ("float32", "bfloat16", ...)
+    device: str
+    block_size: int  # tokens per KV block
+    num_kv_blocks: int  # blocks in the KV pool
+    max_num_seqs: int  # sequences one step runs at most
+    max_num_batched_tokens: int  # tokens one step feeds at most
+    enable_prefix_caching: bool
+    # One engine, one device: tensor parallelism would raise the first, and several replicas
+    # behind a router are data parallelism the router sees, not this engine.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+
 class EngineClient:
     """An engine served to asyncio handlers (start it, or use it as a context manager)."""
 
@@ -61,6 +84,20 @@ class EngineClient:
             vocab_size=core.hf_config.vocab_size,
             eos_token_ids=frozenset(core.eos_token_ids),
             tokenizer=core.tokenizer,
+        )
+        config = core.config
+        self.setup = EngineSetup(
+            model_path=str(core.model_path),
+            tokenizer_path=config.tokenizer or str(core.model_path),
+            model_type=core.hf_config.model_type,
+            architectures=tuple(core.hf_config.architectures or ()),
+            dtype=str(core.dtype).removeprefix("torch."),
+            device=str(core.device),
+            block_size=config.block_size,
+            num_kv_blocks=core.block_manager.pool.num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
 
     @classmethod

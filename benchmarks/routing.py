@@ -12,7 +12,8 @@ Every run starts a router with one policy over the same replicas, empties both p
 summed over the replicas (their /metrics counters, in blocks); TTFT is timed by the client,
 through the router; requests per replica come from the replicas' counters. Policies alternate
 in A-B-B-A order over `--rounds` rounds, so a neighbour's load drifting on a shared machine
-weighs on both alike. The ceiling is the hit rate if each tenant's prompt were computed once.
+weighs on both alike. The ceiling is the hit rate if each tenant's prompt were computed once
+(and no request preempted: a resumed request looks its own blocks up again).
 
     python benchmarks/routing.py [--router sglang] [--tenants 4] [--rounds 2]
 
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ MODEL = "bench"
 POLICIES = ("cache_aware", "round_robin")
 USER_TURN_WORDS = (8, 24)
 SUCCESS = 'pagoda_requests_total{outcome="success"}'
+PREEMPTIONS = "pagoda_num_preemptions_total"
 
 
 @dataclass(slots=True)
@@ -73,9 +76,9 @@ def build_workload(tokenizer: PreTrainedTokenizerBase, model: str,
 
 def ceiling_hit_rate(workload: Workload, tokenizer: PreTrainedTokenizerBase,
                      block_size: int) -> float:
-    """The hit rate if each tenant's prompt prefix were computed once and found ever after: per
-    request, the blocks the engine looks up ((prompt - 1) // block_size, as it counts them) and,
-    after a tenant's first request, those its tenant's common prefix fills."""
+    """The hit rate if each tenant's prompt prefix were computed once and found ever after, with
+    no preemption: per request, the blocks the engine looks up ((prompt - 1) // block_size, as it
+    counts them) and, after a tenant's first request, those its tenant's common prefix fills."""
     token_ids = [encode_prompt(tokenizer, tokenizer.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=False))
         for conversation in workload.conversations]
@@ -96,11 +99,12 @@ def ceiling_hit_rate(workload: Workload, tokenizer: PreTrainedTokenizerBase,
     return hits / queries
 
 
-def successes(url: str) -> float:
+def counter(url: str, name: str) -> float:
+    """A sample of the replica's /metrics, by its name with labels."""
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"{SUCCESS} "):
+        if line.startswith(f"{name} "):
             return float(line.split()[-1])
-    raise KeyError(SUCCESS)
+    raise KeyError(name)
 
 
 def run_policy(policy: str, run_index: int, workload: Workload, replica_urls: list[str],
@@ -111,7 +115,8 @@ def run_policy(policy: str, run_index: int, workload: Workload, replica_urls: li
         for url in replica_urls:  # a cold start for every run: no policy inherits a cache
             httpx.post(f"{url}/flush_cache", timeout=30).raise_for_status()
         counters = [prefix_cache_counters(url) for url in replica_urls]
-        served = [successes(url) for url in replica_urls]
+        served = [counter(url, SUCCESS) for url in replica_urls]
+        preempted = sum(counter(url, PREEMPTIONS) for url in replica_urls)
         send = openai_chat_client(router_url, workload.model, workload.conversations,
                                   [workload.output_tokens] * len(workload.conversations))
         results, elapsed = asyncio.run(poisson(
@@ -128,8 +133,11 @@ def run_policy(policy: str, run_index: int, workload: Workload, replica_urls: li
     point = {"policy": policy, "run": run_index, **summarize(results, elapsed),
              "prefix_cache_queries": queries, "prefix_cache_hits": hits,
              "prefix_cache_hit_rate": hits / queries if queries else None,
-             "requests_per_replica": [successes(url) - before
-                                      for url, before in zip(replica_urls, served)]}
+             "requests_per_replica": [counter(url, SUCCESS) - before
+                                      for url, before in zip(replica_urls, served)],
+             # A preempted request is looked up again when it resumes (mostly hits: its own
+             # blocks), which can lift a run above the ceiling.
+             "preemptions": sum(counter(url, PREEMPTIONS) for url in replica_urls) - preempted}
     logger.info("%s run %d: hit rate %.2f, TTFT p50 %.3f s p90 %.3f s, per replica %s", policy,
                 run_index, point["prefix_cache_hit_rate"] or 0.0, point["ttft_s"]["p50"] or 0.0,
                 point["ttft_s"]["p90"] or 0.0, point["requests_per_replica"])
@@ -161,6 +169,7 @@ def pooled(runs: list[dict]) -> dict:
         "e2e_s_mean": float(np.mean([run["e2e_s"]["mean"] for run in runs])),
         "requests_per_replica": np.sum([run["requests_per_replica"] for run in runs],
                                        axis=0).tolist(),
+        "preemptions": sum(run["preemptions"] for run in runs),
     }
 
 
@@ -175,7 +184,7 @@ def plot(result: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     rates = [result["policies"][p]["prefix_cache_hit_rate"] for p in policies]
     bars = axes[0].bar(policies, rates, color=[colors.get(p, "tab:olive") for p in policies])
-    axes[0].bar_label(bars, [f"{rate:.2f}" for rate in rates])
+    axes[0].bar_label(bars, [f"{rate:.2f}" for rate in rates], label_type="center")
     for index, policy in enumerate(policies):
         runs = result["policies"][policy]["hit_rate_per_run"]
         axes[0].plot([index] * len(runs), runs, "k.", label="runs" if index == 0 else None)
@@ -249,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = Path(args.model) if args.model else demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     runs = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="pagoda-routing-") as workdir:
         replicas = []
         if args.replica_urls is None:
@@ -271,7 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "replicas behind a router: multi-tenant shared prefixes, streamed chat",
         "router": f"{args.router}-router",
         "machine": machine_description(),
+        # Not a quiet machine: other jobs share its cores (the load averages around the run).
         "quiet": False,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "model": str(model_dir) if args.model else "pagoda demo model",
         "notes": args.notes,
         "tenants": args.tenants,

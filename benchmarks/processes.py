@@ -219,7 +219,7 @@ def router_installed(kind: str) -> bool:
 def start_router(kind: str, workdir: Path, worker_urls: list[str], policy: str,
                  quiet: bool = False) -> tuple[ManagedProcess, str]:
     """sglang-router or vllm-router (`kind`) in front of `worker_urls`, its HTTP and Prometheus
-    ports on 127.0.0.1 (both routers bind 0.0.0.0 unless told); waits until every worker is
+    ports on 127.0.0.1 (sglang-router binds 0.0.0.0 unless told); waits until every worker is
     registered and healthy. `quiet` logs warnings only."""
     port, prometheus_port = free_port(), free_port()
     argv = [sys.executable, "-m", ROUTER_MODULES[kind], "--host", "127.0.0.1", "--port",

@@ -106,6 +106,8 @@ def assert_idle(url: str) -> None:
 
 def test_the_model_is_listed_through_the_router(deployment):
     assert [model.id for model in deployment.client().models.list()] == [MODEL]
+    # What compose's healthcheck of the router polls.
+    assert httpx.get(f"{deployment.router_url}/health", timeout=10).status_code == 200
 
 
 def test_chat_and_completions_through_the_router_streamed_and_not(deployment):

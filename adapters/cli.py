@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def architecture_table() -> str:
     """The README's table of supported architectures, generated from the model registry."""
     from pagoda.backend.models import MODEL_FAMILIES, MODEL_REGISTRY
-    from pagoda.backend.models.llama import SUPPORTED_ROPE_TYPES
+    from pagoda.backend.models.layers import SUPPORTED_ROPE_TYPES
 
     rows = [
         f"| `{name}` | {MODEL_FAMILIES[name]} | "

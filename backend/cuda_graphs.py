@@ -21,7 +21,7 @@ import torch
 
 from pagoda.backend.attention import AttentionBackend, DecodeBatch
 from pagoda.backend.model_input import ModelInput
-from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
+from pagoda.backend.models import CausalLM, KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[KVCache],
         backend: AttentionBackend,
         batch_sizes: list[int],

@@ -23,7 +23,7 @@ from pagoda.backend.model_input import build_model_input
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.model_loading import eos_token_ids, load_model, resolve_engine_model
-from pagoda.backend.models.llama import KVCache
+from pagoda.backend.models import KVCache
 from pagoda.backend.models.loader import check_unquantized, checkpoint_dtype
 from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput

@@ -15,8 +15,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 from pagoda.backend.attention import AttentionBackend
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.demo import demo_model_path
-from pagoda.backend.models import build_model
-from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models import CausalLM, ModelContext, build_model
 from pagoda.backend.models.loader import iterate_weights, resolve_model_path, weight_files
 
 logger = logging.getLogger(__name__)
@@ -36,10 +35,12 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     allow_pickle_weights: bool,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     started = time.monotonic()
     with _default_dtype(dtype), torch.device(device):
-        model = build_model(hf_config, attention, hf_config.max_position_embeddings)
+        model = build_model(
+            ModelContext(hf_config, attention, hf_config.max_position_embeddings)
+        )
     model.load_weights(iterate_weights(weight_files(model_path, allow_pickle_weights)))
     model.eval()
     logger.info("loaded %s (%s, %s) in %.1f s", model_path, dtype, device,

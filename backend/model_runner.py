@@ -9,7 +9,7 @@ from pagoda.backend.attention import AttentionBackend
 from pagoda.backend.cuda_graphs import DecodeGraphRunner
 from pagoda.backend.model_input import ModelInput
 from pagoda.backend.model_output import ModelOutput
-from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
+from pagoda.backend.models import CausalLM, KVCache
 from pagoda.backend.pooling import pool_hidden
 from pagoda.backend.prompt_logprobs import compute_prompt_logprobs
 from pagoda.backend.sampler import Sampler
@@ -18,7 +18,7 @@ from pagoda.backend.sampler import Sampler
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[KVCache],
         backend: AttentionBackend,
         sampler: Sampler,

@@ -10,8 +10,9 @@ from transformers import LlamaConfig
 
 from pagoda.backend.attention import BatchLayout, TorchAttentionBackend
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache
-from pagoda.backend.models import build_model
-from pagoda.backend.models.llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, materialize
+from pagoda.backend.models import CausalLM, ModelContext, build_model
+from pagoda.backend.models.layers import SUPPORTED_ROPE_TYPES, materialize
+
 
 MAX_POSITIONS = 512
 BLOCK_SIZE = 16
@@ -36,7 +37,7 @@ def _config(rope_type: str) -> LlamaConfig:
     )
 
 
-def _forward(model: LlamaForCausalLM, device: torch.device) -> torch.Tensor:
+def _forward(model: CausalLM, device: torch.device) -> torch.Tensor:
     """Hidden states of one 40-token prompt placed at positions 300.. (past the original
     context of the scaled rope types), then one decode step."""
     num_layers, num_kv_heads, head_dim = model.kv_shape
@@ -58,13 +59,21 @@ def _forward(model: LlamaForCausalLM, device: torch.device) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+def _randomize(model: torch.nn.Module) -> None:
+    """Weights are built uninitialized (the checkpoint fills them): give them values."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.05)
+
+
 @pytest.mark.parametrize("rope_type", list(ROPE_SCALINGS))
 def test_a_model_built_on_meta_and_materialized_matches_one_built_normally(rope_type):
     config = _config(rope_type)
     torch.manual_seed(0)
-    reference = build_model(config, TorchAttentionBackend(), MAX_POSITIONS).eval()
+    reference = build_model(ModelContext(config, TorchAttentionBackend(), MAX_POSITIONS)).eval()
+    _randomize(reference)
     with torch.device("meta"):
-        lazy = build_model(config, TorchAttentionBackend(), MAX_POSITIONS)
+        lazy = build_model(ModelContext(config, TorchAttentionBackend(), MAX_POSITIONS))
     assert lazy.rotary.cos.device.type == "meta"
     materialize(lazy, "cpu").eval()
     lazy.load_state_dict(reference.state_dict())
@@ -82,10 +91,11 @@ def test_a_model_built_on_cuda_runs_there_like_on_cpu(rope_type):
         pytest.skip("needs CUDA")
     config = _config(rope_type)
     torch.manual_seed(0)
-    reference = build_model(config, TorchAttentionBackend(), MAX_POSITIONS).eval()
+    reference = build_model(ModelContext(config, TorchAttentionBackend(), MAX_POSITIONS)).eval()
+    _randomize(reference)
     cuda = torch.device("cuda")
     with cuda:
-        on_gpu = build_model(config, TorchAttentionBackend(), MAX_POSITIONS).eval()
+        on_gpu = build_model(ModelContext(config, TorchAttentionBackend(), MAX_POSITIONS)).eval()
     on_gpu.load_state_dict(reference.state_dict())
     assert on_gpu.rotary.cos.device.type == "cuda"
     torch.testing.assert_close(on_gpu.rotary.cos.cpu(), reference.rotary.cos, atol=1e-5, rtol=0)

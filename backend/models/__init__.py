@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import PretrainedConfig
 
-from pagoda.backend.attention import AttentionBackend
+from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
 from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.mixtral import MixtralForCausalLM
+from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
+from pagoda.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 # What each architecture covers, for `pagoda architectures` (the README's table is its output).
 MODEL_FAMILIES: dict[str, str] = {
@@ -20,20 +25,26 @@ MODEL_FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "Mistral 7B v0.1-v0.3 (v0.1's sliding-window attention included), "
                           "Zephyr and other Mistral fine-tunes",
     "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
+    "MixtralForCausalLM": "Mixtral 8x7B and 8x22B, base and Instruct (top-2 of 8 experts)",
+    "Qwen2MoeForCausalLM": "Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, base and Chat/Instruct "
+                           "(routed experts plus a gated shared expert)",
+    "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B and Qwen3-Coder-30B-A3B, base, "
+                           "Instruct and Thinking",
 }
 
 
-def build_model(
-    config: PretrainedConfig, backend: AttentionBackend, max_positions: int
-) -> LlamaForCausalLM:
+def build_model(ctx: ModelContext) -> CausalLM:
+    """The native implementation of the checkpoint's architecture, built on the default device
+    and dtype with uninitialized weights (load_weights fills them)."""
+    config = ctx.config
     architectures = getattr(config, "architectures", None) or []
     for architecture in architectures:
         if architecture in MODEL_REGISTRY:
-            return MODEL_REGISTRY[architecture](config, backend, max_positions)
+            return MODEL_REGISTRY[architecture](ctx)
     raise ValueError(
         f"unsupported model architecture {architectures or config.model_type!r}; "
         f"supported: {sorted(MODEL_REGISTRY)}"
     )
 
 
-__all__ = ["MODEL_FAMILIES", "MODEL_REGISTRY", "build_model"]
+__all__ = ["MODEL_FAMILIES", "MODEL_REGISTRY", "CausalLM", "KVCache", "ModelContext", "build_model"]

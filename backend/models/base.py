@@ -1,0 +1,70 @@
+"""What every model family gives the engine, and what it is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+from pagoda.backend.attention import AttentionBackend, AttentionMetadata
+from pagoda.backend.models.layers import UNQUANTIZED, Linear, LinearMethod
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def dense_linears(prefix: str) -> LinearMethod:
+    return UNQUANTIZED
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """Everything a family's constructor needs: the checkpoint's configuration, the attention
+    backend every layer uses, how many positions to precompute rotary tables for, and which
+    LinearMethod stores each linear layer (by its module path in the model, e.g.
+    "layers.3.mlp.down_proj"; dense unless a quantization scheme says otherwise)."""
+
+    config: PretrainedConfig
+    attention: AttentionBackend
+    max_positions: int
+    linear_method: Callable[[str], LinearMethod] = field(default=dense_linears)
+
+    def linear(
+        self, prefix: str, input_size: int, output_sizes: int | dict[str, int], bias: bool
+    ) -> Linear:
+        return Linear(input_size, output_sizes, bias, self.linear_method(prefix))
+
+
+class CausalLM(Protocol):
+    """A decoder-only model over the paged KV cache, as the engine drives it."""
+
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        """The backend every layer attends with (prepare its metadata with this one)."""
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(num_layers, num_kv_heads, head_dim) of the cache this model needs."""
+
+    @property
+    def sliding_window(self) -> int | None:
+        """How many past positions a token sees, or None for all of them."""
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden_size] of a flat batch of new tokens."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [num_tokens, vocab_size] of final hidden states."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill the parameters from checkpoint tensors named as in transformers."""
+
+    def eval(self) -> CausalLM: ...

@@ -1,0 +1,94 @@
+"""Rotary position embeddings: cos/sin tables per position, and applying them to q and k."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+RotaryAngles = tuple[torch.Tensor, torch.Tensor]
+
+# Rope types whose frequencies do not depend on the sequence length seen so far. "dynamic" and
+# "longrope" rescale with the current length, which a cache shared across steps cannot follow.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin per position, precomputed in float32 for every position the model can see.
+
+    `rotary_dim` (at most head_dim) is how many leading features of each head rotate; models with
+    partial rotary pass fewer than head_dim and the rest pass through unchanged.
+
+    The tables are non-persistent buffers built on the default device (a `torch.device` context
+    or `set_default_device`), so they sit with the weights and move with `.to()`. A model built on
+    the meta device gets storage from `to_empty`, which leaves buffers uninitialized: call
+    `reset_buffers` (see `materialize`) to compute them on their new device.
+    """
+
+    def __init__(self, config: PretrainedConfig, rotary_dim: int, max_positions: int) -> None:
+        super().__init__()
+        rope = dict(config.rope_parameters or {})
+        self.rope_type = rope.get("rope_type", "default")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )
+        self.config = config
+        self.rotary_dim = rotary_dim
+        self.max_positions = max_positions
+        cos, sin = self._tables(torch.get_default_device())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute cos and sin in place, on the device the buffers are on now."""
+        cos, sin = self._tables(self.cos.device)
+        with torch.no_grad():
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def _tables(self, device: torch.device) -> RotaryAngles:
+        # NOTE: ROPE_INIT_FUNCTIONS ignore the default device and use the one they are given;
+        # every tensor here must be made on `device`, or a CUDA model mixes in CPU tensors.
+        if self.rope_type == "default":
+            exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device=device)
+            theta = self.config.rope_parameters["rope_theta"]
+            inv_freq = 1.0 / (theta ** (exponents / self.rotary_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        positions = torch.arange(self.max_positions, dtype=torch.float, device=device)
+        freqs = positions[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos() * scaling, angles.sin() * scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
+        """cos and sin of every token's position, [num_tokens, 1, rotary_dim]; looked up once per
+        step and shared by all layers."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, angles: RotaryAngles) -> torch.Tensor:
+    """Rotate the leading rotary_dim features of every head (rotate-half convention)."""
+    cos, sin = angles
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, passed), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Give a model built on the meta device storage on `device`: parameters uninitialized (for
+    `load_weights` to fill), computed buffers (rotary tables) recomputed there."""
+    model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+    return model

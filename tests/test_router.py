@@ -65,11 +65,12 @@ def replicas(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module", params=sorted(ROUTERS))
-def deployment(request: pytest.FixtureRequest, replicas: list[str],
+def deployment(request: pytest.FixtureRequest,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     kind = request.param
-    if not processes.router_installed(kind):
+    if not processes.router_installed(kind):  # before the replicas start: a skip costs nothing
         pytest.skip(f"{ROUTERS[kind]} is not installed (pip install -e '.[router]')")
+    replicas = request.getfixturevalue("replicas")
     router, url = processes.start_router(kind, tmp_path_factory.mktemp(f"{kind}-router"),
                                          replicas, "cache_aware")
     try:

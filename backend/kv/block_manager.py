@@ -39,6 +39,15 @@ class KVStats:
         return 1.0 - self.num_tokens / slots if slots else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCacheFlush:
+    """What a prefix-cache flush did: cached blocks nobody held were forgotten (their memory is
+    free and empty now); those live sequences hold stayed cached."""
+
+    num_dropped_blocks: int
+    num_kept_blocks: int
+
+
 class BlockManager:
     def __init__(
         self,
@@ -180,6 +189,13 @@ class BlockManager:
     def _chain_root(self, seq: SequenceTokens) -> int | None:
         long = self.long_context is not None and self.long_context.is_long(len(seq.token_ids))
         return LONG_CONTEXT_ROOT if long else None
+
+    def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Empty the prefix cache of every block no sequence holds (see
+        BlockPool.drop_unreferenced_cached). Sequences keep their tables and their own keys, so
+        their blocks go on being published as they fill."""
+        dropped = self.pool.drop_unreferenced_cached()
+        return PrefixCacheFlush(num_dropped_blocks=dropped, num_kept_blocks=len(self.pool.cached))
 
     def block_ids(self, seq_id: int) -> list[int]:
         return [block.block_id for block in self.block_tables[seq_id]]

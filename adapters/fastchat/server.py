@@ -88,7 +88,7 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
             Starlette(routes=[*probe_routes(client, metrics),
                               *worker_routes(worker, args.max_request_bytes)]), host=args.host,
             port=args.port, shutdown_timeout=args.shutdown_timeout, refusal=_shutting_down,
-            alongside=keep_registered, log_level="info", timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            cut_requests=client.shutdown, alongside=keep_registered, log_level="info", timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     return 0
 

@@ -39,7 +39,7 @@ def run_server(
         serve_draining(
             create_app(client, settings, routes, metrics), host=settings.host, port=settings.port,
             shutdown_timeout=settings.shutdown_timeout, refusal=_shutting_down,
-            alongside=alongside, log_level=settings.uvicorn_log_level,
+            cut_requests=client.shutdown, alongside=alongside, log_level=settings.uvicorn_log_level,
         )
 
 

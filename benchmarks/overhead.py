@@ -73,7 +73,7 @@ def timed_step(engine: LLMEngine, timer: PhaseTimer) -> None:
     model_input = timer.time("model_input", lambda: build_model_input(
         scheduler_output, engine.block_manager, engine.device))
     metadata = timer.time("attention_metadata", lambda: runner.backend.prepare(
-        model_input.layout, engine.device, runner.model.sliding_window))
+        model_input.layout, engine.device))
 
     def forward() -> torch.Tensor:
         with torch.inference_mode():

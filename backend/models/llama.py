@@ -44,6 +44,7 @@ class Attention(nn.Module):
         self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, False)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
+        self.sliding_window = _sliding_window(config)
 
     def forward(
         self,
@@ -60,7 +61,9 @@ class Attention(nn.Module):
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = apply_rotary(query, angles), apply_rotary(key, angles)
-        out = self.backend.forward(query, key, value, *kv_cache, metadata, self.scale)
+        out = self.backend.forward(
+            query, key, value, *kv_cache, metadata, self.scale, sliding_window=self.sliding_window
+        )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -120,7 +123,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.sliding_window = _sliding_window(config)
 
     @property
     def attention_backend(self) -> AttentionBackend:

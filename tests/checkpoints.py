@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPTBigCodeConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Starcoder2Config,
 )
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -43,7 +47,34 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
     "mistral-window": (MistralConfig, "MistralForCausalLM",
                        dict(num_key_value_heads=2, sliding_window=40)),
     "qwen2": (Qwen2Config, "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    # Sliding layers alternate with global ones (Gemma 2's default layer_types); the caps are
+    # small enough to change most attention scores and the top logits of these weights.
+    "gemma2": (Gemma2Config, "Gemma2ForCausalLM", dict(
+        num_hidden_layers=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=12, attn_logit_softcapping=4.0, final_logit_softcapping=10.0,
+        tie_word_embeddings=False,
+    )),
+    # Local layers with their own rope theta; the global layer's rope linearly scaled.
+    "gemma3": (Gemma3TextConfig, "Gemma3ForCausalLM", dict(
+        num_hidden_layers=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32,
+        sliding_window=10, final_logit_softcapping=10.0, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+        },
+    )),
+    "starcoder2": (Starcoder2Config, "Starcoder2ForCausalLM",
+                   dict(num_key_value_heads=2, sliding_window=12, use_bias=True)),
+    "gpt-bigcode": (GPTBigCodeConfig, "GPTBigCodeForCausalLM", dict(n_inner=128, multi_query=True)),
+    "gpt-bigcode-mha": (GPTBigCodeConfig, "GPTBigCodeForCausalLM",
+                        dict(n_inner=128, multi_query=False)),
 }
+# Their default initialization leaves norms at identity (Gemma's zero offsets from 1, LayerNorm
+# weights 1 and biases 0) and projection biases at 0, which would hide how those are loaded and
+# applied: these variants get random offsets on every 1-D parameter.
+PERTURBED_1D = {"gemma2", "gemma3", "starcoder2", "gpt-bigcode", "gpt-bigcode-mha"}
 
 
 def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Path:
@@ -56,6 +87,11 @@ def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Pat
     config = config_class(vocab_size=vocab_size, architectures=[architecture], **settings)
     torch.manual_seed(sum(map(ord, variant)))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if variant in PERTURBED_1D:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * 0.1)
     shard = "20KB" if variant == "llama-sharded" else "2GB"
     model.save_pretrained(output_dir, safe_serialization=True, max_shard_size=shard)
     for name in TOKENIZER_FILES:

@@ -1,5 +1,6 @@
 """The shared model layers: fused linears loaded band by band from separate checkpoint tensors,
-checkpoint bookkeeping (missing, unexpected, misshapen, tied), partial rotary."""
+checkpoint bookkeeping (missing, unexpected, misshapen, tied), partial rotary, activations and
+Gemma's RMSNorm computed exactly as transformers computes them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from pagoda.backend.models.layers import Linear, apply_rotary, load_checkpoint
+from pagoda.backend.models.layers import (
+    ACTIVATIONS,
+    GemmaRMSNorm,
+    Linear,
+    activation,
+    apply_rotary,
+    load_checkpoint,
+)
 
 
 class _Block(nn.Module):
@@ -66,3 +74,31 @@ def test_partial_rotary_turns_the_leading_features_and_passes_the_rest():
     # The rotated pair (0, 2) keeps its norm and turns by the angle.
     torch.testing.assert_close(out[..., 0] ** 2 + out[..., 2] ** 2, x[..., 0] ** 2 + x[..., 2] ** 2)
     torch.testing.assert_close(out[..., :4], apply_rotary(x[..., :4], (cos, sin)))
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_are_bitwise_transformers(name, dtype):
+    from transformers.activations import ACT2FN
+
+    x = (torch.randn(4, 257, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    assert torch.equal(activation(name, "hidden_act")(x), ACT2FN[name](x))
+
+
+def test_an_unknown_activation_names_its_field():
+    with pytest.raises(ValueError, match="hidden_activation 'swiglu_9' is not supported"):
+        activation("swiglu_9", "hidden_activation")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemma_rms_norm_is_bitwise_transformers(dtype):
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, generator=generator) * 0.3
+    x = (torch.randn(5, 64, generator=generator) * 3).to(dtype)
+    ours, theirs = GemmaRMSNorm(64, 1e-6).to(dtype), Gemma2RMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    assert torch.equal(ours(x), theirs(x))

@@ -5,12 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
+from pagoda.backend.models.gemma import GemmaForCausalLM
+from pagoda.backend.models.gpt_bigcode import GPTBigCodeForCausalLM
 from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.starcoder2 import Starcoder2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
+    "GPTBigCodeForCausalLM": GPTBigCodeForCausalLM,
 }
 # What each architecture covers, for `pagoda architectures` (the README's table is its output).
 MODEL_FAMILIES: dict[str, str] = {
@@ -19,6 +26,14 @@ MODEL_FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "Mistral 7B v0.1-v0.3 (v0.1's sliding-window attention included), "
                           "Zephyr and other Mistral fine-tunes",
     "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
+    "Gemma2ForCausalLM": "Gemma 2 (2B, 9B, 27B), base and instruction-tuned (-it), with its "
+                         "attention and final logit soft-capping and alternating sliding-window "
+                         "layers",
+    "Gemma3ForCausalLM": "Gemma 3 1B (base and -it) and text-only Gemma 3 checkpoints; not the "
+                         "multimodal Gemma3ForConditionalGeneration (4B-27B)",
+    "Starcoder2ForCausalLM": "StarCoder2 (3B, 7B, 15B) and StarCoder2-Instruct",
+    "GPTBigCodeForCausalLM": "StarCoder, StarCoderBase, SantaCoder (gpt_bigcode checkpoints), "
+                             "WizardCoder and OctoCoder",
 }
 
 

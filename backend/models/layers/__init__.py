@@ -1,6 +1,8 @@
 """Building blocks the model families share: norms, rotary embeddings, linear layers whose
-storage a LinearMethod decides, and checkpoint loading by transformers' tensor names."""
+storage a LinearMethod decides, feed-forward blocks and activations, and checkpoint loading by
+transformers' tensor names."""
 
+from pagoda.backend.models.layers.activation import ACTIVATIONS, Activation, activation
 from pagoda.backend.models.layers.checkpoint import load_checkpoint
 from pagoda.backend.models.layers.linear import (
     UNQUANTIZED,
@@ -10,7 +12,8 @@ from pagoda.backend.models.layers.linear import (
     UnquantizedLinearMethod,
     copy_rows,
 )
-from pagoda.backend.models.layers.norm import RMSNorm
+from pagoda.backend.models.layers.mlp import GatedMLP, PlainMLP
+from pagoda.backend.models.layers.norm import GemmaRMSNorm, RMSNorm
 from pagoda.backend.models.layers.rotary import (
     SUPPORTED_ROPE_TYPES,
     RotaryAngles,
@@ -20,15 +23,21 @@ from pagoda.backend.models.layers.rotary import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "SUPPORTED_ROPE_TYPES",
     "UNQUANTIZED",
+    "Activation",
+    "GatedMLP",
+    "GemmaRMSNorm",
     "Linear",
     "LinearMethod",
     "OutputPart",
+    "PlainMLP",
     "RMSNorm",
     "RotaryAngles",
     "RotaryEmbedding",
     "UnquantizedLinearMethod",
+    "activation",
     "apply_rotary",
     "copy_rows",
     "load_checkpoint",

@@ -4,8 +4,9 @@ suite; conftest.py turns it on), and compiled on CUDA (gpu marker).
 Shapes are small (the interpreter runs each program in numpy) but cover GQA and MHA, head_dim
 64, 80 (not a power of two: masked) and 128, mixed context lengths (1, exact multiples of the
 block size, several split-K partitions), chunked prefill over a cached context, sliding windows,
-attention logit soft-capping (Gemma 2), padded slot -1 rows and block tables whose block ids are scattered over the cache. bfloat16 is
-tested too: the kernels convert every load to float32, which the interpreter computes right.
+attention logit soft-capping (Gemma 2), padded slot -1 rows and block tables whose block ids are
+scattered over the cache. bfloat16 is tested too: the kernels convert every load to float32,
+which the interpreter computes right.
 The large cases (32k contexts, batch 256) are in test_kernels_gpu.py.
 """
 

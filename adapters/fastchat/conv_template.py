@@ -2,7 +2,9 @@
 
 FastChat's API server builds chat prompts from this template, so it must match the model's own
 chat format. With fschat installed its registry is used, exactly as FastChat's workers do;
-without it only the built-in Vicuna v1.1 template (the demo model's chat format) is known.
+without it only the built-in Vicuna v1.1 template (the demo model's chat format) is known. Gemma's
+template, which FastChat added after its last PyPI release (0.2.36), is built in for both: served
+for a model whose path or name says "gemma" when FastChat has nothing better.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 VICUNA_TEMPLATE_NAME = "vicuna_v1.1"
+GEMMA_TEMPLATE_NAME = "gemma"
 # FastChat's fallback for a model it does not recognise (its BaseModelAdapter's template).
 FASTCHAT_FALLBACK_TEMPLATE_NAME = "one_shot"
 
@@ -38,25 +41,53 @@ VICUNA_V1_1: dict[str, Any] = {
     "stop_token_ids": None,
 }
 
+# FastChat's later "gemma" template in fschat 0.2.36's terms: its GEMMA separator style does not
+# exist there, so the turn markup goes into the roles of sep_style 4 (NO_COLON_SINGLE, which
+# writes role + message + sep per turn, and the bare role to open the reply):
+# "<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n", as Gemma's own chat
+# template renders it (the tokenizer adds <bos>). Gemma has no system role: a system message is
+# written as plain text before the first turn.
+GEMMA: dict[str, Any] = {
+    "name": GEMMA_TEMPLATE_NAME,
+    "system_template": "{system_message}",
+    "system_message": "",
+    "roles": ["<start_of_turn>user\n", "<start_of_turn>model\n"],
+    "messages": [],
+    "offset": 0,
+    "sep_style": 4,
+    "sep": "<end_of_turn>\n",
+    "sep2": None,
+    "stop_str": "<end_of_turn>",
+    "stop_token_ids": None,
+}
+BUILTIN_TEMPLATES: dict[str, dict[str, Any]] = {
+    VICUNA_TEMPLATE_NAME: VICUNA_V1_1,
+    GEMMA_TEMPLATE_NAME: GEMMA,
+}
+
 
 def resolve_conv_template(
     template_name: str | None, model: str | None, model_names: list[str]
 ) -> dict[str, Any]:
     """The template for the served model: `template_name` when given (--conv-template); else,
     for the demo model (`model` None), Vicuna v1.1; else FastChat's choice for the model path,
-    then for each served name (FastChat matches on names such as "vicuna-7b" or "mistral")."""
+    then for each served name (FastChat matches on names such as "vicuna-7b" or "mistral"); a
+    Gemma model FastChat does not know gets the built-in Gemma template."""
     try:
         from fastchat.conversation import conv_templates, get_conv_template
         from fastchat.model.model_adapter import get_conversation_template
     except ImportError:
-        return _builtin_template(template_name, model)
+        return _builtin_template(template_name, model, model_names)
     if template_name:
-        if template_name not in conv_templates:
-            raise ValueError(
-                f"--conv-template {template_name!r} is not one of FastChat's templates "
-                f"({', '.join(sorted(conv_templates))})"
-            )
-        return _as_dict(get_conv_template(template_name))
+        if template_name in conv_templates:
+            return _as_dict(get_conv_template(template_name))
+        if template_name in BUILTIN_TEMPLATES:
+            return dict(BUILTIN_TEMPLATES[template_name])
+        known = sorted({*conv_templates, *BUILTIN_TEMPLATES})
+        raise ValueError(
+            f"--conv-template {template_name!r} is not one of FastChat's templates "
+            f"({', '.join(known)})"
+        )
     if model is None:
         return _as_dict(get_conv_template(VICUNA_TEMPLATE_NAME))
     for candidate in (model, *model_names):
@@ -68,6 +99,9 @@ def resolve_conv_template(
         if conv.name != FASTCHAT_FALLBACK_TEMPLATE_NAME:
             logger.info("FastChat conversation template for %s: %r", candidate, conv.name)
             return _as_dict(conv)
+    gemma = _gemma_for(model, model_names)
+    if gemma is not None:
+        return gemma
     logger.warning(
         "FastChat knows no conversation template for %s (names %s); using %r. Pass "
         "--conv-template to choose one.", model, model_names, FASTCHAT_FALLBACK_TEMPLATE_NAME,
@@ -75,19 +109,36 @@ def resolve_conv_template(
     return _as_dict(get_conversation_template(model))
 
 
-def _builtin_template(template_name: str | None, model: str | None) -> dict[str, Any]:
-    if template_name not in (None, VICUNA_TEMPLATE_NAME):
-        raise ValueError(
-            f"--conv-template {template_name!r} needs fschat installed (pip install "
-            "'pagoda[fastchat]'); without it only 'vicuna_v1.1' is available"
-        )
-    if template_name is None and model is not None:
-        logger.warning(
-            "fschat is not installed: serving FastChat's %r conversation template for %s; install "
-            "'pagoda[fastchat]' or pass --conv-template if the model uses another chat format",
-            VICUNA_TEMPLATE_NAME, model,
-        )
+def _builtin_template(
+    template_name: str | None, model: str | None, model_names: list[str]
+) -> dict[str, Any]:
+    if template_name is not None:
+        if template_name not in BUILTIN_TEMPLATES:
+            raise ValueError(
+                f"--conv-template {template_name!r} needs fschat installed (pip install "
+                f"'pagoda[fastchat]'); without it only {sorted(BUILTIN_TEMPLATES)} are available"
+            )
+        return dict(BUILTIN_TEMPLATES[template_name])
+    if model is None:
+        return dict(VICUNA_V1_1)
+    gemma = _gemma_for(model, model_names)
+    if gemma is not None:
+        return gemma
+    logger.warning(
+        "fschat is not installed: serving FastChat's %r conversation template for %s; install "
+        "'pagoda[fastchat]' or pass --conv-template if the model uses another chat format",
+        VICUNA_TEMPLATE_NAME, model,
+    )
     return dict(VICUNA_V1_1)
+
+
+def _gemma_for(model: str, model_names: list[str]) -> dict[str, Any] | None:
+    """The built-in Gemma template when the model's path or a served name says "gemma"."""
+    for candidate in (model, *model_names):
+        if "gemma" in candidate.lower():
+            logger.info("built-in Gemma conversation template for %s", candidate)
+            return dict(GEMMA)
+    return None
 
 
 def _as_dict(conv: Any) -> dict[str, Any]:

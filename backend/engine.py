@@ -16,7 +16,7 @@ from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
 from pagoda.backend.host import apply_cpu_threads
-from pagoda.backend.kv.block_manager import BlockManager, KVStats
+from pagoda.backend.kv.block_manager import BlockManager, KVStats, PrefixCacheFlush
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
 from pagoda.backend.memory_profile import kv_cache_budget, profile_memory
 from pagoda.backend.model_input import build_model_input
@@ -52,6 +52,7 @@ class LLMEngine:
         self.device = config.torch_device
         apply_cpu_threads(config.cpu_threads)
         model_path = resolve_engine_model(config)
+        self.model_path = model_path  # the local folder the weights were loaded from
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         check_unquantized(hf_config)
         self.hf_config = hf_config
@@ -356,6 +357,14 @@ class LLMEngine:
         group.fail(RequestFailed(
             f"the model failed on this request: {type(error).__name__}: {error}"
         ))
+
+    def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Forget every cached prompt block no request holds; requests in flight keep theirs.
+        Call it between steps (AsyncEngine.run_between_steps does)."""
+        flushed = self.block_manager.flush_prefix_cache()
+        logger.info("prefix cache flushed: %d blocks dropped, %d kept (in use)",
+                    flushed.num_dropped_blocks, flushed.num_kept_blocks)
+        return flushed
 
     def kv_stats(self) -> KVStats:
         return self.block_manager.stats(self.scheduler.live_sequences())

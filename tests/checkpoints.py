@@ -13,8 +13,11 @@ from transformers import (
     GPTBigCodeConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
     Starcoder2Config,
 )
 
@@ -47,6 +50,23 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
     "mistral-window": (MistralConfig, "MistralForCausalLM",
                        dict(num_key_value_heads=2, sliding_window=40)),
     "qwen2": (Qwen2Config, "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "mixtral": (MixtralConfig, "MixtralForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=40,
+    )),
+    # Layer 0 sparse, layer 1 dense (mlp_only_layers); top-k weights not renormalized.
+    "qwen2-moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM", dict(
+        num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=3,
+        norm_topk_prob=False, mlp_only_layers=[1], qkv_bias=True,
+    )),
+    # Every layer sparse; heads wider than hidden_size / num_heads, as in Qwen3; biases on q, k,
+    # v and o (attention_bias); one window for all layers (use_sliding_window).
+    "qwen3-moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM", dict(
+        num_key_value_heads=2, head_dim=32, intermediate_size=48, moe_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True,
+        use_sliding_window=True, sliding_window=48,
+    )),
     # Sliding layers alternate with global ones (Gemma 2's default layer_types); the caps are
     # small enough to change most attention scores and the top logits of these weights.
     "gemma2": (Gemma2Config, "Gemma2ForCausalLM", dict(

@@ -35,6 +35,15 @@ class KVStats:
         return 1.0 - self.num_tokens / slots if slots else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCacheFlush:
+    """What a prefix-cache flush did: cached blocks nobody held were forgotten (their memory is
+    free and empty now); those live sequences hold stayed cached."""
+
+    num_dropped_blocks: int
+    num_kept_blocks: int
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.block_size = block_size
@@ -161,6 +170,13 @@ class BlockManager:
             self.pool.cache(table[index], key)
             keys.append(key)
             parent = key
+
+    def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Empty the prefix cache of every block no sequence holds (see
+        BlockPool.drop_unreferenced_cached). Sequences keep their tables and their own keys, so
+        their blocks go on being published as they fill."""
+        dropped = self.pool.drop_unreferenced_cached()
+        return PrefixCacheFlush(num_dropped_blocks=dropped, num_kept_blocks=len(self.pool.cached))
 
     def block_ids(self, seq_id: int) -> list[int]:
         return [block.block_id for block in self.block_tables[seq_id]]

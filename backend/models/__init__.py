@@ -8,12 +8,18 @@ from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
 from pagoda.backend.models.gemma import GemmaForCausalLM
 from pagoda.backend.models.gpt_bigcode import GPTBigCodeForCausalLM
 from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.mixtral import MixtralForCausalLM
+from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
+from pagoda.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 from pagoda.backend.models.starcoder2 import Starcoder2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
@@ -26,6 +32,11 @@ MODEL_FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "Mistral 7B v0.1-v0.3 (v0.1's sliding-window attention included), "
                           "Zephyr and other Mistral fine-tunes",
     "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
+    "MixtralForCausalLM": "Mixtral 8x7B and 8x22B, base and Instruct (top-2 of 8 experts)",
+    "Qwen2MoeForCausalLM": "Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, base and Chat/Instruct "
+                           "(routed experts plus a gated shared expert)",
+    "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B and Qwen3-Coder-30B-A3B, base, "
+                           "Instruct and Thinking",
     "Gemma2ForCausalLM": "Gemma 2 (2B, 9B, 27B), base and instruction-tuned (-it), with its "
                          "attention and final logit soft-capping and alternating sliding-window "
                          "layers",

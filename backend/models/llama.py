@@ -28,7 +28,12 @@ from pagoda.backend.models.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    def __init__(
+        self, ctx: ModelContext, prefix: str, qkv_bias: bool | None = None, *,
+        sliding_window: int | None,
+    ) -> None:
+        """`qkv_bias` None: q/k/v have biases in Qwen2 or with attention_bias set.
+        `sliding_window`: how many positions this layer attends to (None: all of them)."""
         super().__init__()
         config = ctx.config
         self.num_heads = config.num_attention_heads
@@ -36,7 +41,9 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        bias = qkv_bias
+        if bias is None:
+            bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         self.qkv_proj = ctx.linear(
             f"{prefix}.qkv_proj", config.hidden_size,
             {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}, bias,
@@ -44,7 +51,7 @@ class Attention(nn.Module):
         self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, False)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
-        self.sliding_window = _sliding_window(config)
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -68,12 +75,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    def __init__(
+        self, ctx: ModelContext, prefix: str, intermediate_size: int | None = None
+    ) -> None:
+        """`intermediate_size` None: the config's."""
         super().__init__()
         config = ctx.config
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-        self.intermediate_size = config.intermediate_size
+        self.intermediate_size = (config.intermediate_size if intermediate_size is None
+                                  else intermediate_size)
         self.gate_up_proj = ctx.linear(
             f"{prefix}.gate_up_proj", config.hidden_size,
             {"gate_proj": self.intermediate_size, "up_proj": self.intermediate_size}, False,
@@ -88,13 +99,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    """Pre-norm attention and feed-forward blocks, each added to the residual stream. Families
+    that keep this shape pass their own `attention` or `mlp` (a mixture of experts)."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        prefix: str,
+        attention: nn.Module | None = None,
+        mlp: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         config = ctx.config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(ctx, f"{prefix}.self_attn")
+        if attention is None:
+            window = _sliding_window(config)
+            attention = Attention(ctx, f"{prefix}.self_attn", sliding_window=window)
+        self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(ctx, f"{prefix}.mlp")
+        self.mlp = MLP(ctx, f"{prefix}.mlp") if mlp is None else mlp
 
     def forward(
         self,
@@ -114,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(ctx, f"layers.{index}") for index in range(config.num_hidden_layers)
+            self.make_layer(ctx, index) for index in range(config.num_hidden_layers)
         )
         attn = self.layers[0].self_attn
         self.rotary = RotaryEmbedding(config, attn.head_dim, ctx.max_positions)
@@ -123,6 +146,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def make_layer(self, ctx: ModelContext, index: int) -> nn.Module:
+        """Decoder layer `index` (module path "layers.{index}"); families that differ from Llama
+        only in their layers override this."""
+        return DecoderLayer(ctx, f"layers.{index}")
 
     @property
     def attention_backend(self) -> AttentionBackend:
@@ -169,6 +197,8 @@ def _checkpoint_name(path: str) -> str:
 
 
 def _sliding_window(config: PretrainedConfig) -> int | None:
+    """The one window of Mistral (and Mixtral), and of Qwen2 with use_sliding_window; every
+    layer attends within it."""
     if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
         return None
     return getattr(config, "sliding_window", None)

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def architecture_table() -> str:
     """The README's table of supported architectures, generated from the model registry."""
     from pagoda.backend.models import MODEL_FAMILIES, MODEL_REGISTRY
-    from pagoda.backend.models.layers import SUPPORTED_ROPE_TYPES
+    from pagoda.backend.models.layers import LONGROPE_ARCHITECTURES, SUPPORTED_ROPE_TYPES
 
     rows = [
         f"| `{name}` | {MODEL_FAMILIES[name]} | "
@@ -163,7 +163,8 @@ def architecture_table() -> str:
         *rows,
         "",
         f"Rotary position scaling (`rope_scaling` / `rope_parameters`): "
-        f"{', '.join(SUPPORTED_ROPE_TYPES)}.",
+        f"{', '.join(SUPPORTED_ROPE_TYPES)}; longrope for "
+        f"{', '.join(f'`{name}`' for name in LONGROPE_ARCHITECTURES)}.",
     ])
 
 

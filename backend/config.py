@@ -70,6 +70,9 @@ class EngineConfig:
     # How embedding requests pool the final hidden states when they do not say: "last" or "mean".
     pooling: str = "last"
     structured_outputs_backend: str = DEFAULT_BACKEND
+    # Where requests' default sampling settings come from (backend/generation_defaults.py):
+    # "auto" (the model's generation_config.json), "vllm" (none) or a folder.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -95,6 +98,12 @@ class EngineConfig:
             raise ValueError(
                 f"structured_outputs_backend must be one of {sorted(BACKENDS)}, "
                 f"got {self.structured_outputs_backend!r}"
+            )
+        if (self.generation_config not in ("auto", "vllm")
+                and not Path(self.generation_config).expanduser().is_dir()):
+            raise ValueError(
+                "generation_config must be 'auto', 'vllm' or a folder holding a "
+                f"generation_config.json, got {self.generation_config!r}"
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(

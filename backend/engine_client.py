@@ -25,6 +25,7 @@ from pagoda.backend.async_engine import AsyncEngine, EngineSnapshot
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed
+from pagoda.backend.generation_defaults import SamplingDefaults
 from pagoda.backend.kv.block_manager import PrefixCacheFlush
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.pooling_params import PoolingParams
@@ -45,6 +46,8 @@ class ModelInfo:
     max_model_len: int  # the longest sequence (prompt and generated tokens) a request may have
     vocab_size: int  # the model's: token ids from 0 to vocab_size - 1 are valid in a prompt
     eos_token_ids: frozenset[int]
+    # generation_config.json's sampling settings, for requests that leave them unset.
+    sampling_defaults: SamplingDefaults
     # For the text of single tokens (logprobs) and of echoed prompt token ids; encode through
     # EngineClient.encode, which follows the engine's BOS rule.
     tokenizer: PreTrainedTokenizerBase
@@ -83,6 +86,7 @@ class EngineClient:
             max_model_len=core.max_model_len,
             vocab_size=core.hf_config.vocab_size,
             eos_token_ids=frozenset(core.eos_token_ids),
+            sampling_defaults=core.sampling_defaults,
             tokenizer=core.tokenizer,
         )
         config = core.config

@@ -11,13 +11,18 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GPTBigCodeConfig,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen3Config,
     Qwen3MoeConfig,
+    StableLmConfig,
     Starcoder2Config,
 )
 
@@ -67,6 +72,41 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True,
         use_sliding_window=True, sliding_window=48,
     )),
+    # Dense families beyond Llama's: each variant turns on what tells its family apart.
+    "qwen3": (Qwen3Config, "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32)),
+    # Every layer windowed (use_sliding_window from layer 0 on).
+    "qwen3-window": (Qwen3Config, "Qwen3ForCausalLM", dict(
+        num_key_value_heads=2, use_sliding_window=True, max_window_layers=0, sliding_window=40,
+    )),
+    "phi3": (Phi3Config, "Phi3ForCausalLM",
+             dict(num_key_value_heads=2, sliding_window=40, pad_token_id=0)),
+    # LongRoPE switching at 32 tokens, so prompts start below and above it and grow past it;
+    # partial rotary and tied embeddings as in Phi-4-mini.
+    "phi3-longrope": (Phi3Config, "Phi3ForCausalLM", dict(
+        num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=True,
+        original_max_position_embeddings=32, partial_rotary_factor=0.5,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6],
+                      "long_factor": [1.5, 3.0, 6.0, 12.0]},
+    )),
+    "gpt-neox": (GPTNeoXConfig, "GPTNeoXForCausalLM",
+                 dict(rotary_pct=0.25, use_parallel_residual=True, hidden_act="gelu")),
+    "gpt-neox-sequential": (GPTNeoXConfig, "GPTNeoXForCausalLM", dict(
+        rotary_pct=0.5, use_parallel_residual=False, hidden_act="gelu_fast",
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )),
+    "stablelm": (StableLmConfig, "StableLmForCausalLM", dict(
+        num_key_value_heads=2, use_qkv_bias=True, qk_layernorm=True,
+        use_parallel_residual=False,
+    )),
+    "stablelm-parallel": (StableLmConfig, "StableLmForCausalLM",
+                          dict(num_key_value_heads=4, use_parallel_residual=True,
+                               partial_rotary_factor=0.5)),
+    "opt": (OPTConfig, "OPTForCausalLM", dict(ffn_dim=128, init_std=0.2, pad_token_id=0)),
+    # opt-350m's shape: post-norm layers and word embeddings projected in and out.
+    "opt-post-norm": (OPTConfig, "OPTForCausalLM", dict(
+        ffn_dim=128, init_std=0.2, pad_token_id=0, do_layer_norm_before=False,
+        word_embed_proj_dim=32,
+    )),
     # Sliding layers alternate with global ones (Gemma 2's default layer_types); the caps are
     # small enough to change most attention scores and the top logits of these weights.
     "gemma2": (Gemma2Config, "Gemma2ForCausalLM", dict(
@@ -91,9 +131,14 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
     "gpt-bigcode-mha": (GPTBigCodeConfig, "GPTBigCodeForCausalLM",
                         dict(n_inner=128, multi_query=False)),
 }
+# Variants whose norm weights (and biases) get random values: transformers initializes them to
+# ones and zeros, which would leave per-head norms, LayerNorm biases and the like untested.
+RANDOM_NORMS = {"qwen3", "qwen3-window", "phi3", "phi3-longrope", "gpt-neox",
+                "gpt-neox-sequential", "stablelm", "stablelm-parallel", "opt", "opt-post-norm"}
 # Their default initialization leaves norms at identity (Gemma's zero offsets from 1, LayerNorm
 # weights 1 and biases 0) and projection biases at 0, which would hide how those are loaded and
-# applied: these variants get random offsets on every 1-D parameter.
+# applied: these variants get random offsets on every 1-D parameter (GPT-BigCode's norms are
+# ln_1, ln_2 and ln_f, and the biases matter as much).
 PERTURBED_1D = {"gemma2", "gemma3", "starcoder2", "gpt-bigcode", "gpt-bigcode-mha"}
 
 
@@ -107,6 +152,8 @@ def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Pat
     config = config_class(vocab_size=vocab_size, architectures=[architecture], **settings)
     torch.manual_seed(sum(map(ord, variant)))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if variant in RANDOM_NORMS:
+        _randomize_norms(model)
     if variant in PERTURBED_1D:
         with torch.no_grad():
             for param in model.parameters():
@@ -118,6 +165,13 @@ def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Pat
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, output_dir / name)
     return output_dir
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
 
 
 def _vocab_size(tokenizer_dir: Path) -> int:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pagoda.adapters.fastchat.chunks import ChunkBuilder
-from pagoda.adapters.fastchat.conv_template import GEMMA, VICUNA_V1_1, resolve_conv_template
+from pagoda.adapters.fastchat.conv_template import VICUNA_V1_1, resolve_conv_template
 from pagoda.adapters.fastchat.protocol import (
     DEFAULT_MAX_NEW_TOKENS,
     ErrorCode,
@@ -137,9 +137,6 @@ def test_builtin_template_without_fschat(monkeypatch):
     assert resolve_conv_template("vicuna_v1.1", "/models/x", ["x"]) == VICUNA_V1_1
     with pytest.raises(ValueError, match="needs fschat"):
         resolve_conv_template("llama-2", None, ["pagoda-demo"])
-    assert resolve_conv_template(None, "/models/gemma-2-9b-it", ["g"]) == GEMMA
-    assert resolve_conv_template(None, "/models/x", ["Gemma-3-1B"]) == GEMMA
-    assert resolve_conv_template("gemma", "/models/x", ["x"]) == GEMMA
 
 
 def test_fastchat_templates_by_path_then_name():
@@ -152,26 +149,6 @@ def test_fastchat_templates_by_path_then_name():
     assert resolve_conv_template("llama-2", None, ["pagoda-demo"])["name"] == "llama-2"
     with pytest.raises(ValueError, match="not one of FastChat's templates"):
         resolve_conv_template("no-such-template", None, ["pagoda-demo"])
-    # fschat 0.2.36 has no Gemma template: the built-in one, by path or by name.
-    assert resolve_conv_template(None, "google/gemma-2-9b-it", ["g"]) == GEMMA
-    assert resolve_conv_template(None, "/models/x", ["gemma-3-1b-it"]) == GEMMA
-    assert resolve_conv_template("gemma", None, ["pagoda-demo"]) == GEMMA
-
-
-def test_the_gemma_template_renders_gemmas_own_chat_format():
-    """FastChat's API server renders the template the worker reports; the prompt must be the one
-    Gemma's chat template makes (its <bos> comes from the tokenizer)."""
-    conversation = pytest.importorskip("fastchat.conversation")
-    conv = conversation.Conversation(
-        **{**GEMMA, "sep_style": conversation.SeparatorStyle(GEMMA["sep_style"]), "messages": []}
-    )
-    for role, text in ((0, "Hi"), (1, "Hello!"), (0, "Name a prime.")):
-        conv.append_message(conv.roles[role], text)
-    conv.append_message(conv.roles[1], None)
-    assert conv.get_prompt() == (
-        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
-        "<start_of_turn>user\nName a prime.<end_of_turn>\n<start_of_turn>model\n"
-    )
 
 
 def test_worker_settings(monkeypatch):

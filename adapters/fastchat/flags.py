@@ -33,8 +33,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                             "formats by name, e.g. vicuna-* for the demo model")
     group.add_argument("--conv-template", default=None,
                        help="FastChat conversation template name (default: FastChat's choice "
-                            "for the model path or names; the built-in 'gemma' for a Gemma "
-                            "model FastChat does not know)")
+                            "for the model path or names)")
     group.add_argument("--limit-worker-concurrency", type=int,
                        default=DEFAULT_LIMIT_WORKER_CONCURRENCY,
                        help="requests served at once; more wait for a slot")
@@ -53,8 +52,7 @@ def add_serve_worker_args(parser: argparse.ArgumentParser) -> None:
                             "this machine's host name (default: http://HOST:PORT)")
     group.add_argument("--fastchat-conv-template", default=None, metavar="NAME",
                        help="FastChat conversation template name (default: FastChat's choice "
-                            "for the model path or names; the built-in 'gemma' for a Gemma "
-                            "model FastChat does not know)")
+                            "for the model path or names)")
 
 
 def _comma_list(value: str) -> list[str]:

@@ -120,7 +120,7 @@ class FastChatWorker:
         """generate_stream's chunks; WorkerError for a request refused or failed."""
         request = GenerateRequest.parse(body)
         self._check_model(request.model)
-        params = request.sampling_params()
+        params = request.sampling_params(self.client.info.sampling_defaults)
         self._check_not_overloaded()
         async with self._slot():
             builder = ChunkBuilder(request, params, self.tokenizer)

@@ -32,8 +32,12 @@ class BlockKey:
     hash: int
 
     @classmethod
-    def chain(cls, parent: BlockKey | None, token_ids: Sequence[int]) -> BlockKey:
-        parent_hash = parent.hash if parent is not None else None
+    def chain(
+        cls, parent: BlockKey | None, token_ids: Sequence[int], root: int | None = None
+    ) -> BlockKey:
+        """The key of a block after `parent`; a first block (no parent) hangs from `root`,
+        which tells apart chains whose KV differs for the same tokens (see long_context.py)."""
+        parent_hash = parent.hash if parent is not None else root
         token_tuple = tuple(token_ids)
         return cls(parent_hash, token_tuple, hash((parent_hash, token_tuple)))
 

@@ -7,10 +7,15 @@ from torch import nn
 from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
 from pagoda.backend.models.gemma import GemmaForCausalLM
 from pagoda.backend.models.gpt_bigcode import GPTBigCodeForCausalLM
+from pagoda.backend.models.gpt_neox import GPTNeoXForCausalLM
 from pagoda.backend.models.llama import LlamaForCausalLM
 from pagoda.backend.models.mixtral import MixtralForCausalLM
+from pagoda.backend.models.opt import OPTForCausalLM
+from pagoda.backend.models.phi3 import Phi3ForCausalLM
 from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
+from pagoda.backend.models.qwen3 import Qwen3ForCausalLM
 from pagoda.backend.models.qwen3_moe import Qwen3MoeForCausalLM
+from pagoda.backend.models.stablelm import StableLmForCausalLM
 from pagoda.backend.models.starcoder2 import Starcoder2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -20,6 +25,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+    "StableLmForCausalLM": StableLmForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
     "Gemma2ForCausalLM": GemmaForCausalLM,
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
@@ -37,6 +47,15 @@ MODEL_FAMILIES: dict[str, str] = {
                            "(routed experts plus a gated shared expert)",
     "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B and Qwen3-Coder-30B-A3B, base, "
                            "Instruct and Thinking",
+    "Qwen3ForCausalLM": "Qwen3 dense, base and hybrid-thinking (0.6B-32B)",
+    "Phi3ForCausalLM": "Phi-3 mini and medium (4k, and 128k with LongRoPE), Phi-3.5-mini, "
+                       "Phi-4 and Phi-4-mini",
+    "GPTNeoXForCausalLM": "Pythia, Dolly v2, OpenAssistant's Pythia SFT models, StableLM-alpha "
+                          "(base and tuned), GPT-NeoX-20B, RedPajama-INCITE",
+    "StableLmForCausalLM": "StableLM-3B-4E1T, StableLM 2 (1.6B, 12B; base, chat, Zephyr), "
+                           "StableLM Zephyr 3B",
+    "OPTForCausalLM": "OPT 125M-66B (pre- and post-norm layers, 350m's projected embeddings) "
+                      "and fine-tunes that keep this architecture",
     "Gemma2ForCausalLM": "Gemma 2 (2B, 9B, 27B), base and instruction-tuned (-it), with its "
                          "attention and final logit soft-capping and alternating sliding-window "
                          "layers",

@@ -1,7 +1,8 @@
 """The Llama family (Llama 1-3, Vicuna, Mistral, Qwen2) reading and writing the paged KV cache.
 
 One implementation covers the three architectures; they differ only in configuration: Qwen2 adds
-biases to q/k/v, Mistral may set a sliding window, Llama 3 scales its rotary frequencies.
+biases to q/k/v, Mistral may set a sliding window, Llama 3 scales its rotary frequencies. Families
+that differ only in their layers (Qwen3, the mixtures of experts) override `make_layer`.
 Numerics follow transformers' implementation (RMSNorm in float32, rotate-half rotary embedding),
 so float32 outputs match it token for token.
 """

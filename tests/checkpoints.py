@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
     "llama-mha-tied": (LlamaConfig, "LlamaForCausalLM",
                        dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "llama-sharded": (LlamaConfig, "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    # Biases on q, k, v and o.
+    "llama-attention-bias": (LlamaConfig, "LlamaForCausalLM",
+                             dict(num_key_value_heads=2, attention_bias=True)),
     "llama3-rope": (LlamaConfig, "LlamaForCausalLM", dict(
         num_key_value_heads=2,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from pagoda.backend import LLM, SamplingParams
 from pagoda.backend.attention import ATTENTION_BACKEND_ENV
 
-VARIANTS = ("qwen3", "qwen3-window", "phi3", "phi3-longrope", "gpt-neox", "gpt-neox-sequential", "stablelm",
-            "stablelm-parallel", "opt", "opt-post-norm")
+VARIANTS = ("llama-attention-bias", "qwen3", "qwen3-window", "phi3", "phi3-longrope", "gpt-neox",
+            "gpt-neox-sequential", "stablelm", "stablelm-parallel", "opt", "opt-post-norm")
 # One variant per family for the (interpreted, slow) Triton path.
 TRITON_VARIANTS = ("qwen3", "phi3-longrope", "gpt-neox", "stablelm", "opt")
 # Straddling block boundaries (16) and phi3-longrope's switch at 32 tokens, which the shorter

@@ -42,14 +42,18 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        # transformers' Llama biases all four projections when attention_bias is set; Qwen2
+        # (and the families passing qkv_bias) bias q/k/v only.
+        attention_bias = getattr(config, "attention_bias", False)
         bias = qkv_bias
         if bias is None:
-            bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+            bias = config.model_type == "qwen2" or attention_bias
+        output_bias = qkv_bias is None and config.model_type != "qwen2" and attention_bias
         self.qkv_proj = ctx.linear(
             f"{prefix}.qkv_proj", config.hidden_size,
             {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}, bias,
         )
-        self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, False)
+        self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, output_bias)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
         self.sliding_window = sliding_window

@@ -19,7 +19,13 @@ from transformers import PretrainedConfig
 
 from pagoda.backend.attention import AttentionBackend, AttentionMetadata
 from pagoda.backend.models.base import KVCache, ModelContext
-from pagoda.backend.models.layers import Linear, PlainMLP, activation, load_checkpoint
+from pagoda.backend.models.layers import (
+    LayerNorm,
+    Linear,
+    PlainMLP,
+    activation,
+    load_checkpoint,
+)
 
 
 class GPTBigCodeAttention(nn.Module):
@@ -61,9 +67,9 @@ class GPTBigCodeBlock(nn.Module):
         super().__init__()
         config = ctx.config
         hidden_size, eps = config.hidden_size, config.layer_norm_epsilon
-        self.ln_1 = nn.LayerNorm(hidden_size, eps=eps)
+        self.ln_1 = LayerNorm(hidden_size, eps)
         self.attn = GPTBigCodeAttention(ctx, f"{prefix}.attn")
-        self.ln_2 = nn.LayerNorm(hidden_size, eps=eps)
+        self.ln_2 = LayerNorm(hidden_size, eps)
         self.mlp = PlainMLP(
             ctx, f"{prefix}.mlp", hidden_size, config.n_inner or 4 * hidden_size,
             activation(config.activation_function, "activation_function"), bias=True,
@@ -87,7 +93,7 @@ class GPTBigCodeForCausalLM(nn.Module):
         self.h = nn.ModuleList(
             GPTBigCodeBlock(ctx, f"h.{index}") for index in range(config.num_hidden_layers)
         )
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
         # NOTE: the LM head stays dense whatever the scheme, as the quantization tools leave it.
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

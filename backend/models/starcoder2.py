@@ -16,6 +16,7 @@ from torch import nn
 from pagoda.backend.attention import AttentionBackend, AttentionMetadata
 from pagoda.backend.models.base import KVCache, ModelContext
 from pagoda.backend.models.layers import (
+    LayerNorm,
     Linear,
     PlainMLP,
     RotaryAngles,
@@ -71,9 +72,9 @@ class Starcoder2DecoderLayer(nn.Module):
     def __init__(self, ctx: ModelContext, prefix: str) -> None:
         super().__init__()
         config = ctx.config
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.input_layernorm = LayerNorm(config.hidden_size, config.norm_epsilon)
         self.self_attn = Starcoder2Attention(ctx, f"{prefix}.self_attn")
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.norm_epsilon)
         self.mlp = PlainMLP(
             ctx, f"{prefix}.mlp", config.hidden_size, config.intermediate_size,
             activation(config.hidden_act, "hidden_act"), config.use_bias,
@@ -102,7 +103,7 @@ class Starcoder2ForCausalLM(nn.Module):
         )
         attn = self.layers[0].self_attn
         self.rotary = RotaryEmbedding(config, attn.head_dim, ctx.max_positions)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.norm = LayerNorm(config.hidden_size, config.norm_epsilon)
         # NOTE: the LM head stays dense whatever the scheme, as the quantization tools leave it.
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -9,7 +9,8 @@ does not know: one definition per format, used both ways.
   so /v1/chat/completions, `pagoda chat` and LLM.chat work for them too.
 
 The formats mirror fastchat.conversation (0.2.36) where it has them (dolly_v2, oasst_pythia,
-stablelm) and the checkpoints' own templates where it does not (Phi-3, Qwen3, StableLM 2). A
+stablelm) and the checkpoints' own templates where it does not (Phi-3, Qwen3, StableLM 2,
+Gemma). A
 format is chosen by the model's names (its path, the names it is served under) and, when known,
 its architecture. NOTE: FastChat's ChatML layout writes the system block even for an empty
 system message (as its own zephyr template does); the Jinja form does the same, so a model
@@ -152,6 +153,15 @@ FORMATS: dict[str, ChatFormat] = {
         "chatml", CHATML, ("<|im_start|>user", "<|im_start|>assistant"), sep="<|im_end|>",
         system_template="<|im_start|>system\n{system_message}", stop_str="<|im_end|>",
     ),
+    # Gemma 2 and 3 (and Gemma 1, CodeGemma): "<start_of_turn>user\n...<end_of_turn>\n" turns,
+    # the reply opened by "<start_of_turn>model\n"; the tokenizer adds <bos>. FastChat added a
+    # Gemma template after 0.2.36, with a separator style 0.2.36 lacks: the turn markup goes
+    # into the roles here. Gemma has no system role (its templates fold a system message into
+    # the first user turn, which no FastChat layout can): it is written before the first turn.
+    "gemma": ChatFormat(
+        "gemma", NO_COLON_SINGLE, ("<start_of_turn>user\n", "<start_of_turn>model\n"),
+        sep="<end_of_turn>\n", stop_str="<end_of_turn>",
+    ),
     # StableLM Zephyr 3B and StableLM 2 Zephyr: Zephyr's layout, GPT-NeoX's end of text.
     "stablelm-zephyr": ChatFormat(
         "stablelm-zephyr", CHATML, ("<|user|>", "<|assistant|>"), sep="<|endoftext|>",
@@ -179,6 +189,9 @@ RULES: tuple[FormatRule, ...] = (
     FormatRule("phi-3", "Phi3ForCausalLM", ("phi-3", "phi3", "phi-4-mini")),
     FormatRule("qwen3", "Qwen3ForCausalLM", None),
     FormatRule("qwen3", "Qwen3ForCausalLM", ("qwen3",)),  # a hub id not downloaded yet
+    FormatRule("gemma", "Gemma2ForCausalLM", None),
+    FormatRule("gemma", "Gemma3ForCausalLM", None),
+    FormatRule("gemma", "Gemma2ForCausalLM", ("gemma",)),  # a hub id not downloaded yet
 )
 
 

@@ -140,5 +140,5 @@ class DecodeGraphRunner:
             self.block_tables[rows], self.seq_lens[rows], self.slot_mapping[rows],
             self.block_size, self.max_model_len,
         )
-        metadata = self.backend.prepare_decode(batch, self.model.sliding_window)
+        metadata = self.backend.prepare_decode(batch)
         return self.model(self.input_ids[rows], self.positions[rows], self.kv_caches, metadata)

@@ -135,7 +135,7 @@ def run_profile_step(
     )
     positions = torch.cat([torch.arange(length, device=device) for length in lengths])
     input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=device)
-    metadata = model.attention_backend.prepare(layout, device, model.sliding_window)
+    metadata = model.attention_backend.prepare(layout, device)
     hidden = model(input_ids, positions, kv_caches, metadata)
     last_tokens = torch.tensor(starts[1:], device=device) - 1
     logits = model.compute_logits(hidden[last_tokens])

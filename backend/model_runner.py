@@ -44,9 +44,7 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.supports(model_input):
             hidden = self.graph_runner.hidden_states(model_input)
         else:
-            metadata = self.backend.prepare(
-                model_input.layout, self.device, self.model.sliding_window
-            )
+            metadata = self.backend.prepare(model_input.layout, self.device)
             # Only a model with a long-context threshold takes (and gets) the per-token flags;
             # decode-only steps above need none (their positions tell).
             extra = ({} if model_input.long_context is None

@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPTBigCodeConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -20,6 +23,7 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
     StableLmConfig,
+    Starcoder2Config,
 )
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -106,11 +110,39 @@ VARIANTS: dict[str, tuple[type[PretrainedConfig], str, dict]] = {
         ffn_dim=128, init_std=0.2, pad_token_id=0, do_layer_norm_before=False,
         word_embed_proj_dim=32,
     )),
+    # Sliding layers alternate with global ones (Gemma 2's default layer_types); the caps are
+    # small enough to change most attention scores and the top logits of these weights.
+    "gemma2": (Gemma2Config, "Gemma2ForCausalLM", dict(
+        num_hidden_layers=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=12, attn_logit_softcapping=4.0, final_logit_softcapping=10.0,
+        tie_word_embeddings=False,
+    )),
+    # Local layers with their own rope theta; the global layer's rope linearly scaled.
+    "gemma3": (Gemma3TextConfig, "Gemma3ForCausalLM", dict(
+        num_hidden_layers=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32,
+        sliding_window=10, final_logit_softcapping=10.0, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+        },
+    )),
+    "starcoder2": (Starcoder2Config, "Starcoder2ForCausalLM",
+                   dict(num_key_value_heads=2, sliding_window=12, use_bias=True)),
+    "gpt-bigcode": (GPTBigCodeConfig, "GPTBigCodeForCausalLM", dict(n_inner=128, multi_query=True)),
+    "gpt-bigcode-mha": (GPTBigCodeConfig, "GPTBigCodeForCausalLM",
+                        dict(n_inner=128, multi_query=False)),
 }
 # Variants whose norm weights (and biases) get random values: transformers initializes them to
 # ones and zeros, which would leave per-head norms, LayerNorm biases and the like untested.
 RANDOM_NORMS = {"qwen3", "qwen3-window", "phi3", "phi3-longrope", "gpt-neox",
                 "gpt-neox-sequential", "stablelm", "stablelm-parallel", "opt", "opt-post-norm"}
+# Their default initialization leaves norms at identity (Gemma's zero offsets from 1, LayerNorm
+# weights 1 and biases 0) and projection biases at 0, which would hide how those are loaded and
+# applied: these variants get random offsets on every 1-D parameter (GPT-BigCode's norms are
+# ln_1, ln_2 and ln_f, and the biases matter as much).
+PERTURBED_1D = {"gemma2", "gemma3", "starcoder2", "gpt-bigcode", "gpt-bigcode-mha"}
 
 
 def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Path:
@@ -125,6 +157,11 @@ def build_checkpoint(variant: str, tokenizer_dir: Path, output_dir: Path) -> Pat
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if variant in RANDOM_NORMS:
         _randomize_norms(model)
+    if variant in PERTURBED_1D:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * 0.1)
     shard = "20KB" if variant == "llama-sharded" else "2GB"
     model.save_pretrained(output_dir, safe_serialization=True, max_shard_size=shard)
     for name in TOKENIZER_FILES:

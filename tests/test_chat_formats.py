@@ -86,12 +86,26 @@ def test_the_formats_fastchat_has_are_fastchats():
     ("OPTForCausalLM", "facebook/opt-1.3b", None),
     (None, "Qwen/Qwen3-8B", "qwen3"),  # a hub id before its config is known
     (None, "microsoft/Phi-3-mini-4k-instruct", "phi-3"),
+    ("Gemma2ForCausalLM", "/models/my-finetune", "gemma"),
+    ("Gemma3ForCausalLM", "google/gemma-3-1b-it", "gemma"),
+    (None, "google/gemma-2-9b-it", "gemma"),
     # A known architecture rules out other families' names.
     ("LlamaForCausalLM", "my-dolly-llama", None),
 ])
 def test_formats_are_chosen_by_architecture_and_name(architecture, name, expected):
     chosen = chat_format_for([architecture] if architecture else [], [name])
     assert (chosen.name if chosen else None) == expected
+
+
+def test_gemmas_format_is_the_prompt_gemmas_own_template_makes():
+    """FastChat 0.2.36 has no Gemma template; this one must give Gemma's turns exactly."""
+    pytest.importorskip("fastchat")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a prime."}]
+    assert _fastchat_prompt(FORMATS["gemma"].conv_template(), messages) == (
+        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a prime.<end_of_turn>\n<start_of_turn>model\n"
+    )
 
 
 def _checkpoint_copy(source: Path, folder: Path, keep_template: bool) -> Path:
@@ -107,6 +121,8 @@ def test_the_worker_reports_the_family_format(checkpoint, tmp_path, monkeypatch)
     assert resolve_conv_template(None, str(dolly), ["dolly-v2-tiny"])["name"] == "dolly_v2"
     phi = _checkpoint_copy(checkpoint("phi3"), tmp_path / "tiny", True)
     assert resolve_conv_template(None, str(phi), ["phi-3-mini"]) == FORMATS["phi-3"].conv_template()
+    gemma = _checkpoint_copy(checkpoint("gemma2"), tmp_path / "tiny-it", True)
+    assert resolve_conv_template(None, str(gemma), ["tiny-it"]) == FORMATS["gemma"].conv_template()
     # FastChat would give any "stablelm" name StableLM-alpha's format; for StableLM 2 that is
     # wrong, so a base model falls back to FastChat's default, as for a model it does not know.
     stablelm = _checkpoint_copy(checkpoint("stablelm"), tmp_path / "stablelm-tiny", True)

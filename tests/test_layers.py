@@ -1,6 +1,6 @@
 """The shared model layers: fused linears loaded band by band from separate checkpoint tensors,
 checkpoint bookkeeping (missing, unexpected, misshapen, tied), partial rotary, activations and
-LayerNorms as transformers computes them."""
+LayerNorms and Gemma's RMSNorm as transformers computes them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from pagoda.backend.models.layers import (
     ACTIVATIONS,
+    GemmaRMSNorm,
     LayerNorm,
     Linear,
     PerHeadLayerNorm,
@@ -111,3 +112,17 @@ def test_layer_norms_match_torch_and_transformers_per_head_norm():
     # transformers' heads are dimension 1 of [batch, heads, tokens, head_dim].
     expected = theirs(x.transpose(0, 1)[None])[0].transpose(0, 1)
     torch.testing.assert_close(per_head(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemma_rms_norm_is_bitwise_transformers(dtype):
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, generator=generator) * 0.3
+    x = (torch.randn(5, 64, generator=generator) * 3).to(dtype)
+    ours, theirs = GemmaRMSNorm(64, 1e-6).to(dtype), Gemma2RMSNorm(64, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+    assert torch.equal(ours(x), theirs(x))

@@ -105,7 +105,8 @@ def test_per_layer_sliding_windows_are_refused_naming_layer_types():
     with pytest.raises(ValueError, match="layer_types mixes.*Qwen2MoeForCausalLM"):
         _build_on_meta(config)
     config = AutoConfig.for_model("qwen2_moe", **QWEN2_MOE_TINY)
-    assert _build_on_meta(config).sliding_window is None  # sliding_window is 0 there
+    model = _build_on_meta(config)  # sliding_window is 0 there: no window at all
+    assert all(layer.self_attn.sliding_window is None for layer in model.layers)
 
 
 def test_experts_with_another_activation_are_refused_naming_hidden_act():

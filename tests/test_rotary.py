@@ -57,7 +57,7 @@ def _forward(model: CausalLM, device: torch.device) -> torch.Tensor:
             slot_mapping=positions.clone(), block_size=BLOCK_SIZE,
         )
         input_ids = torch.randint(0, 128, (new,), generator=generator).to(device)
-        metadata = backend.prepare(layout, device, model.sliding_window)
+        metadata = backend.prepare(layout, device)
         outputs.append(model(input_ids, positions, kv_caches, metadata))
     return torch.cat(outputs)
 

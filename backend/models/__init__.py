@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
+from pagoda.backend.models.gemma import GemmaForCausalLM
+from pagoda.backend.models.gpt_bigcode import GPTBigCodeForCausalLM
 from pagoda.backend.models.gpt_neox import GPTNeoXForCausalLM
 from pagoda.backend.models.llama import LlamaForCausalLM
 from pagoda.backend.models.mixtral import MixtralForCausalLM
@@ -14,6 +16,7 @@ from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
 from pagoda.backend.models.qwen3 import Qwen3ForCausalLM
 from pagoda.backend.models.qwen3_moe import Qwen3MoeForCausalLM
 from pagoda.backend.models.stablelm import StableLmForCausalLM
+from pagoda.backend.models.starcoder2 import Starcoder2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -27,6 +30,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     "StableLmForCausalLM": StableLmForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
+    "GPTBigCodeForCausalLM": GPTBigCodeForCausalLM,
 }
 # What each architecture covers, for `pagoda architectures` (the README's table is its output).
 MODEL_FAMILIES: dict[str, str] = {
@@ -49,6 +56,14 @@ MODEL_FAMILIES: dict[str, str] = {
                            "StableLM Zephyr 3B",
     "OPTForCausalLM": "OPT 125M-66B (pre- and post-norm layers, 350m's projected embeddings) "
                       "and fine-tunes that keep this architecture",
+    "Gemma2ForCausalLM": "Gemma 2 (2B, 9B, 27B), base and instruction-tuned (-it), with its "
+                         "attention and final logit soft-capping and alternating sliding-window "
+                         "layers",
+    "Gemma3ForCausalLM": "Gemma 3 1B (base and -it) and text-only Gemma 3 checkpoints; not the "
+                         "multimodal Gemma3ForConditionalGeneration (4B-27B)",
+    "Starcoder2ForCausalLM": "StarCoder2 (3B, 7B, 15B) and StarCoder2-Instruct",
+    "GPTBigCodeForCausalLM": "StarCoder, StarCoderBase, SantaCoder (gpt_bigcode checkpoints), "
+                             "WizardCoder and OctoCoder",
 }
 
 

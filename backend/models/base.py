@@ -54,10 +54,6 @@ class CausalLM(Protocol):
     def kv_shape(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of the cache this model needs."""
 
-    @property
-    def sliding_window(self) -> int | None:
-        """How many past positions a token sees, or None for all of them."""
-
     def __call__(
         self,
         input_ids: torch.Tensor,

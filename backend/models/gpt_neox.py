@@ -112,7 +112,6 @@ class GPTNeoXForCausalLM(nn.Module):
         self.embed_out = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.embed_in.weight
-        self.sliding_window: int | None = None
 
     @property
     def attention_backend(self) -> AttentionBackend:

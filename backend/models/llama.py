@@ -29,8 +29,12 @@ from pagoda.backend.models.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str, qkv_bias: bool | None = None) -> None:
-        """`qkv_bias` None: q/k/v have biases in Qwen2 or with attention_bias set."""
+    def __init__(
+        self, ctx: ModelContext, prefix: str, qkv_bias: bool | None = None, *,
+        sliding_window: int | None,
+    ) -> None:
+        """`qkv_bias` None: q/k/v have biases in Qwen2 or with attention_bias set.
+        `sliding_window`: how many positions this layer attends to (None: all of them)."""
         super().__init__()
         config = ctx.config
         self.num_heads = config.num_attention_heads
@@ -52,6 +56,7 @@ class Attention(nn.Module):
         self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, output_bias)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -68,7 +73,9 @@ class Attention(nn.Module):
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = apply_rotary(query, angles), apply_rotary(key, angles)
-        out = self.backend.forward(query, key, value, *kv_cache, metadata, self.scale)
+        out = self.backend.forward(
+            query, key, value, *kv_cache, metadata, self.scale, sliding_window=self.sliding_window
+        )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -110,7 +117,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         config = ctx.config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(ctx, f"{prefix}.self_attn") if attention is None else attention
+        if attention is None:
+            window = _sliding_window(config)
+            attention = Attention(ctx, f"{prefix}.self_attn", sliding_window=window)
+        self.self_attn = attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(ctx, f"{prefix}.mlp") if mlp is None else mlp
 
@@ -141,7 +151,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.sliding_window = _sliding_window(config)
 
     def make_layer(self, ctx: ModelContext, index: int) -> nn.Module:
         """Decoder layer `index` (module path "layers.{index}"); families that differ from Llama
@@ -193,6 +202,8 @@ def _checkpoint_name(path: str) -> str:
 
 
 def _sliding_window(config: PretrainedConfig) -> int | None:
+    """The one window of Mistral (and Mixtral), and of Qwen2 with use_sliding_window; every
+    layer attends within it."""
     if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
         return None
     return getattr(config, "sliding_window", None)

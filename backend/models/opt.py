@@ -113,7 +113,6 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = Linear(word_dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.sliding_window: int | None = None
 
     @property
     def attention_backend(self) -> AttentionBackend:

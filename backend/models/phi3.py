@@ -41,6 +41,7 @@ class Phi3Attention(nn.Module):
         self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, False)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
+        self.sliding_window: int | None = getattr(config, "sliding_window", None)
 
     def forward(
         self,
@@ -56,7 +57,9 @@ class Phi3Attention(nn.Module):
         query = apply_rotary(query.view(num_tokens, self.num_heads, self.head_dim), angles)
         key = apply_rotary(key.view(num_tokens, self.num_kv_heads, self.head_dim), angles)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(query, key, value, *kv_cache, metadata, self.scale)
+        out = self.backend.forward(
+            query, key, value, *kv_cache, metadata, self.scale, sliding_window=self.sliding_window
+        )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -115,7 +118,6 @@ class Phi3ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.sliding_window: int | None = getattr(config, "sliding_window", None)
 
     @property
     def long_context_threshold(self) -> int | None:

@@ -61,13 +61,10 @@ class SharedExpertMoE(SparseMoE):
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
-    def __init__(self, ctx: ModelContext) -> None:
-        super().__init__(ctx)
-        self.sliding_window = _sliding_window(ctx.config)
-
     def make_layer(self, ctx: ModelContext, index: int) -> nn.Module:
         prefix = f"layers.{index}"
-        attention = Attention(ctx, f"{prefix}.self_attn", qkv_bias=ctx.config.qkv_bias)
+        attention = Attention(ctx, f"{prefix}.self_attn", qkv_bias=ctx.config.qkv_bias,
+                              sliding_window=_sliding_window(ctx.config))
         mlp = (SharedExpertMoE(ctx, f"{prefix}.mlp") if is_sparse_layer(ctx.config, index)
                else MLP(ctx, f"{prefix}.mlp"))
         return DecoderLayer(ctx, prefix, attention, mlp)
@@ -75,8 +72,8 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
 
 def _sliding_window(config: PretrainedConfig) -> int | None:
     """The window every layer attends within, or None. transformers gives each layer a type
-    (`layer_types`); with use_sliding_window it alternates sliding and full layers, which one
-    window for the whole model cannot express."""
+    (`layer_types`); with use_sliding_window it alternates sliding and full layers, which this
+    family does not wire per layer yet (Gemma's layers show how: each passes its own window)."""
     layer_types = set(config.layer_types)
     if layer_types == {"full_attention"}:
         return None

@@ -19,7 +19,7 @@ class Qwen3Attention(nn.Module):
     unlike OLMo's norm over the whole q), and `attention_bias` biasing o_proj as well as
     q/k/v."""
 
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    def __init__(self, ctx: ModelContext, prefix: str, *, sliding_window: int | None) -> None:
         super().__init__()
         config = ctx.config
         self.num_heads = config.num_attention_heads
@@ -37,6 +37,7 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -53,19 +54,18 @@ class Qwen3Attention(nn.Module):
         key = self.k_norm(key.view(num_tokens, self.num_kv_heads, self.head_dim))
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query, key = apply_rotary(query, angles), apply_rotary(key, angles)
-        out = self.backend.forward(query, key, value, *kv_cache, metadata, self.scale)
+        out = self.backend.forward(
+            query, key, value, *kv_cache, metadata, self.scale, sliding_window=self.sliding_window
+        )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    def __init__(self, ctx: ModelContext) -> None:
-        window = _sliding_window(ctx.config)  # refused before anything is built
-        super().__init__(ctx)
-        self.sliding_window = window
-
     def make_layer(self, ctx: ModelContext, index: int) -> nn.Module:
         prefix = f"layers.{index}"
-        return DecoderLayer(ctx, prefix, Qwen3Attention(ctx, f"{prefix}.self_attn"))
+        window = _sliding_window(ctx.config)
+        attention = Qwen3Attention(ctx, f"{prefix}.self_attn", sliding_window=window)
+        return DecoderLayer(ctx, prefix, attention)
 
 
 def _sliding_window(config: PretrainedConfig) -> int | None:

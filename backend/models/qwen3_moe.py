@@ -26,4 +26,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
                                        renormalize=config.norm_topk_prob)
         else:
             mlp = MLP(ctx, f"{prefix}.mlp")
-        return DecoderLayer(ctx, prefix, Qwen3Attention(ctx, f"{prefix}.self_attn"), mlp)
+        # Qwen3-MoE's config clears sliding_window unless use_sliding_window; then every layer
+        # attends within it, as in transformers (it has no layer_types).
+        attention = Qwen3Attention(ctx, f"{prefix}.self_attn", sliding_window=config.sliding_window)
+        return DecoderLayer(ctx, prefix, attention, mlp)

@@ -138,7 +138,6 @@ class StableLmForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.sliding_window: int | None = None
 
     @property
     def attention_backend(self) -> AttentionBackend:

@@ -1,6 +1,6 @@
 """Building blocks the model families share: norms, activations, rotary embeddings, linear
-layers whose storage a LinearMethod decides, mixture-of-experts feed-forwards, and checkpoint
-loading by transformers' tensor names."""
+layers whose storage a LinearMethod decides, feed-forward blocks (gated, plain,
+mixture-of-experts), and checkpoint loading by transformers' tensor names."""
 
 from pagoda.backend.models.layers.activation import ACTIVATIONS, Activation, activation
 from pagoda.backend.models.layers.checkpoint import LoadsOwnTensors, load_checkpoint
@@ -12,8 +12,9 @@ from pagoda.backend.models.layers.linear import (
     UnquantizedLinearMethod,
     copy_rows,
 )
+from pagoda.backend.models.layers.mlp import GatedMLP, PlainMLP
 from pagoda.backend.models.layers.moe import ExpertNames, SparseMoE, StackedExperts, route
-from pagoda.backend.models.layers.norm import LayerNorm, PerHeadLayerNorm, RMSNorm
+from pagoda.backend.models.layers.norm import GemmaRMSNorm, LayerNorm, PerHeadLayerNorm, RMSNorm
 from pagoda.backend.models.layers.rotary import (
     LONGROPE_ARCHITECTURES,
     SUPPORTED_ROPE_TYPES,
@@ -31,6 +32,8 @@ __all__ = [
     "UNQUANTIZED",
     "Activation",
     "ExpertNames",
+    "GatedMLP",
+    "GemmaRMSNorm",
     "LayerNorm",
     "Linear",
     "LinearMethod",
@@ -38,6 +41,7 @@ __all__ = [
     "LongRopeEmbedding",
     "OutputPart",
     "PerHeadLayerNorm",
+    "PlainMLP",
     "RMSNorm",
     "RotaryAngles",
     "RotaryEmbedding",

@@ -24,9 +24,9 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """torch's LayerNorm (what transformers' GPT-NeoX, StableLM and OPT use), with the bias and
-    the affine weights each optional: StableLM's per-head norms have no bias, and OPT's
-    `layer_norm_elementwise_affine=False` checkpoints store neither."""
+    """torch's LayerNorm (what transformers' GPT-NeoX, StableLM, OPT, StarCoder2 and GPT-BigCode
+    use), with the bias and the affine weights each optional: StableLM's per-head norms have no
+    bias, and OPT's `layer_norm_elementwise_affine=False` checkpoints store neither."""
 
     def __init__(
         self, hidden_size: int, eps: float, bias: bool = True, elementwise_affine: bool = True
@@ -59,3 +59,19 @@ class PerHeadLayerNorm(nn.Module):
         """heads [num_tokens, num_heads, head_dim]."""
         weight = torch.stack([norm.weight for norm in self.norms])
         return F.layer_norm(heads, (self.head_dim,), None, None, self.eps) * weight
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 (scale = 1 + weight), and the
+    product is taken in float32 before the cast back (Llama's casts first), as transformers'
+    Gemma 2 and 3 do."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = hidden.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(hidden.dtype)

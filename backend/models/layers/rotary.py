@@ -22,7 +22,9 @@ class RotaryEmbedding(nn.Module):
     """cos/sin per position, precomputed in float32 for every position the model can see.
 
     `rotary_dim` (at most head_dim) is how many leading features of each head rotate; models with
-    partial rotary pass fewer than head_dim and the rest pass through unchanged.
+    partial rotary pass fewer than head_dim and the rest pass through unchanged. `layer_type`
+    picks the parameters of one kind of layer where the config has a set per kind (Gemma 3's
+    `rope_parameters["sliding_attention"]` and `["full_attention"]`).
 
     The tables are non-persistent buffers built on the default device (a `torch.device` context
     or `set_default_device`), so they sit with the weights and move with `.to()`. A model built on
@@ -32,10 +34,19 @@ class RotaryEmbedding(nn.Module):
 
     rope_types: tuple[str, ...] = SUPPORTED_ROPE_TYPES
 
-    def __init__(self, config: PretrainedConfig, rotary_dim: int, max_positions: int) -> None:
+    def __init__(
+        self, config: PretrainedConfig, rotary_dim: int, max_positions: int,
+        layer_type: str | None = None,
+    ) -> None:
         super().__init__()
-        rope = dict(config.rope_parameters or {})
-        self.rope_type = rope.get("rope_type", "default")
+        parameters = config.rope_parameters or {}
+        if layer_type is not None:
+            if layer_type not in parameters:
+                raise ValueError(f"rope_parameters has no entry for layer type {layer_type!r}")
+            parameters = parameters[layer_type]
+        self.rope = dict(parameters)
+        self.layer_type = layer_type
+        self.rope_type = self.rope.get("rope_type", "default")
         if self.rope_type not in self.rope_types:
             hint = (f" (longrope: {', '.join(LONGROPE_ARCHITECTURES)} only)"
                     if self.rope_type == "longrope" else "")
@@ -62,11 +73,13 @@ class RotaryEmbedding(nn.Module):
         # every tensor here must be made on `device`, or a CUDA model mixes in CPU tensors.
         if self.rope_type == "default":
             exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device=device)
-            theta = self.config.rope_parameters["rope_theta"]
+            theta = self.rope["rope_theta"]
             inv_freq = 1.0 / (theta ** (exponents / self.rotary_dim))
             scaling = 1.0
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](
+                self.config, device, layer_type=self.layer_type
+            )
         return _angles(inv_freq, self.max_positions, scaling, device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:

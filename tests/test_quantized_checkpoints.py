@@ -36,6 +36,8 @@ FORMATS: dict[str, Fixture] = {
     "ct-w4a16-sym-g32": Fixture(partial(reference.pack_quantized, bits=4)),
     "ct-w4a16-asym-g32": Fixture(partial(reference.pack_quantized, bits=4)),
     "ct-w8a16-channel": Fixture(partial(reference.pack_quantized, bits=8), bf16_kernel=Int8PackKernel),
+    # GPTQ through llm-compressor, its down_proj layers left dense by the ignore list.
+    "ct-gptq-w4a16": Fixture(partial(reference.pack_quantized, bits=4)),
 }
 
 

@@ -88,3 +88,18 @@ def dense_copy(folder: Path, target: Path, dequantize) -> Path:
         if (folder / extra).exists():
             shutil.copy(folder / extra, target / extra)
     return target
+
+
+def eight_bit(tensors: dict, prefix: str) -> torch.Tensor:
+    """int-quantized / float-quantized: int8 or fp8 [out, in] times its scale per channel
+    ([out, 1]), per tensor ([1]) or per block ([ceil(out/rows), ceil(in/columns)])."""
+    weight = tensors[f"{prefix}.weight"].float()
+    scale = tensors[f"{prefix}.weight_scale"].float()
+    if scale.dim() == 2 and scale.shape[1] > 1:  # blocks
+        rows = -(-weight.shape[0] // scale.shape[0])
+        columns = -(-weight.shape[1] // scale.shape[1])
+        out_index = torch.arange(weight.shape[0]) // rows
+        in_index = torch.arange(weight.shape[1]) // columns
+        scale = scale[out_index][:, in_index]
+    return weight * scale.reshape(-1, 1) if scale.dim() < 2 or scale.shape[1] == 1 \
+        else weight * scale

@@ -4,7 +4,9 @@ A quantization_config lists config_groups, each a set of targets (the class "Lin
 names, or "re:" regexes) with the arguments of their weights and input activations, plus an
 ignore list of modules left dense. Supported here: integer weight-only groups stored
 pack-quantized (W4A16, W8A16; symmetric or asymmetric; per channel or per group; GPTQ's
-activation order with weight_g_idx).
+activation order with weight_g_idx), and 8-bit weights stored unpacked: int-quantized (W8A8
+int8) and float-quantized (FP8 per channel, per tensor or in blocks), with input activations
+quantized dynamically per token or per group.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.backend.models.layers import UNQUANTIZED, Linear, LinearMethod, OutputPart
+from pagoda.backend.quantization.activations import DynamicActivations
 from pagoda.backend.quantization.base import QuantizationConfig, get_field, matches_name
+from pagoda.backend.quantization.dense_quantized import WEIGHT_STRATEGIES, DenseQuantizedMethod
 from pagoda.backend.quantization.int_weights import IntWeights
 from pagoda.backend.quantization.packing import unpack_int32, values_per_word
 from pagoda.backend.quantization.weight_only import (
@@ -28,6 +32,10 @@ from pagoda.backend.quantization.weight_only import (
 SCHEME = "compressed-tensors"
 PACKED_BITS = (2, 4, 8)
 STRATEGIES = ("channel", "group")
+# Formats storing 8-bit weights unpacked -> the type of their weights.
+EIGHT_BIT_FORMATS = {"int-quantized": "int", "float-quantized": "float"}
+SUPPORTED = ("weight-only int stored pack-quantized (W4A16, W8A16), int-quantized (W8A8 int8) "
+             "and float-quantized (FP8) with dynamic activations")
 
 
 @dataclass(frozen=True)
@@ -113,14 +121,14 @@ def _group_method(name: str, group: dict, fmt: str | None) -> LinearMethod:
     if not weights:
         raise ValueError(f"{where} quantizes no weights, which is not supported")
     kind = weights.get("type", "int")
+    if fmt in EIGHT_BIT_FORMATS:
+        return _eight_bit_method(where, fmt, weights, activations)
     if activations:
-        raise ValueError(f"{where}: quantized input activations ({kind} weights, "
-                         f"{activations.get('num_bits')}-bit {activations.get('type')} "
-                         "activations) are not supported yet (supported: weight-only int, "
-                         "format pack-quantized)")
+        raise ValueError(f"{where}: format {fmt!r} with quantized input activations is not "
+                         f"supported (supported: {SUPPORTED})")
     if fmt != "pack-quantized" or kind != "int":
         raise ValueError(f"{where}: format {fmt!r} with {kind} weights is not supported "
-                         "(supported: weight-only int, format pack-quantized)")
+                         f"(supported: {SUPPORTED})")
     bits = int(weights["num_bits"])
     strategy = weights.get("strategy")
     if bits not in PACKED_BITS or strategy not in STRATEGIES:
@@ -132,3 +140,33 @@ def _group_method(name: str, group: dict, fmt: str | None) -> LinearMethod:
     has_g_idx = weights.get("actorder") == "group"
     return WeightOnlyIntMethod(
         PackQuantizedLayout(bits, group_size, bool(weights.get("symmetric", True)), has_g_idx))
+
+
+def _eight_bit_method(where: str, fmt: str, weights: dict, activations: dict | None) -> LinearMethod:
+    """int-quantized (int8 weights) or float-quantized (fp8 weights), activations dynamic or
+    left alone."""
+    kind = EIGHT_BIT_FORMATS[fmt]
+    strategy = weights.get("strategy")
+    if (weights.get("type", "int") != kind or int(weights["num_bits"]) != 8
+            or not weights.get("symmetric", True) or strategy not in WEIGHT_STRATEGIES):
+        raise ValueError(f"{where}: format {fmt!r} with {weights.get('num_bits')}-bit "
+                         f"{weights.get('type')} weights, strategy {strategy!r}, symmetric="
+                         f"{weights.get('symmetric')} is not supported (supported: symmetric "
+                         f"8-bit {kind} weights per {', '.join(WEIGHT_STRATEGIES)})")
+    block = tuple(weights["block_structure"]) if strategy == "block" else None
+    return DenseQuantizedMethod(kind, strategy, block, _dynamic_activations(where, activations))
+
+
+def _dynamic_activations(where: str, activations: dict | None) -> DynamicActivations | None:
+    if not activations:
+        return None
+    strategy = activations.get("strategy")
+    if (not activations.get("dynamic") or int(activations.get("num_bits", 0)) != 8
+            or not activations.get("symmetric", True) or strategy not in ("token", "group")):
+        raise ValueError(f"{where}: input activations {activations.get('num_bits')}-bit "
+                         f"{activations.get('type')}, strategy {strategy!r}, dynamic="
+                         f"{activations.get('dynamic')}, symmetric={activations.get('symmetric')} "
+                         "are not supported (supported: dynamic symmetric 8-bit per token or "
+                         "per group; static input scales are not)")
+    group_size = int(activations["group_size"]) if strategy == "group" else None
+    return DynamicActivations(activations.get("type", "int"), group_size)

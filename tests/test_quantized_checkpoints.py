@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import quantized_reference as reference
 from pagoda.backend import LLM, SamplingParams
+from pagoda.backend.quantization.dense_quantized import DenseQuantizedMethod
 from pagoda.backend.quantization.kernels import DenseKernel, Int4PackKernel, Int8PackKernel
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "quantized"
@@ -38,12 +40,31 @@ FORMATS: dict[str, Fixture] = {
     "ct-w8a16-channel": Fixture(partial(reference.pack_quantized, bits=8), bf16_kernel=Int8PackKernel),
     # GPTQ through llm-compressor, its down_proj layers left dense by the ignore list.
     "ct-gptq-w4a16": Fixture(partial(reference.pack_quantized, bits=4)),
+    # gptqmodel: act-order (permuted g_idx), and 8-bit asymmetric without g_idx; its reference
+    # is its own dequantize_weight.
+    "gptq-w4-sym-g32-actorder": Fixture(partial(reference.gptq, bits=4, zero_offset=1)),
+    "gptq-w8-asym-g64": Fixture(partial(reference.gptq, bits=8, zero_offset=1)),
+    # auto-round's own format (GPTQ packing when symmetric, AWQ packing when asymmetric) and
+    # its auto_gptq and auto_awq exports; the reference is its quantized model in memory.
+    "autoround-w4-sym-g32": Fixture(partial(reference.gptq, bits=4, zero_offset=1)),
+    "autoround-w4-asym-g32": Fixture(reference.awq),
+    "autoround-w8-sym-g64": Fixture(partial(reference.gptq, bits=8, zero_offset=1)),
+    "autoround-awq-w4-g32": Fixture(reference.awq),
+    "autoround-gptq-w4-asym-g32": Fixture(partial(reference.gptq, bits=4, zero_offset=1)),
+}
+# Weights and dynamically quantized activations: the engine rounds activations as the tool
+# does, so the gap measured against its reference is ~1e-6; rounding ties may still land
+# differently after ulp-level differences, hence a looser bound.
+ACTIVATION_FORMATS: dict[str, Fixture] = {
+    "ct-w8a8-int8": Fixture(reference.eight_bit, tolerance=1e-3),
+    "ct-fp8-dynamic": Fixture(reference.eight_bit, tolerance=1e-3),
+    "ct-fp8-block": Fixture(reference.eight_bit, tolerance=1e-3),
 }
 
 
 def test_every_fixture_is_tested():
     made = {path.parent.name for path in FIXTURES.glob("*/reference.json")}
-    assert made == set(FORMATS)
+    assert made == set(FORMATS) | set(ACTIVATION_FORMATS)
 
 
 def run_engine(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
@@ -68,14 +89,15 @@ def load(name: str, demo_model_dir: Path, **engine_args) -> LLM:
                **engine_args)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(FORMATS | ACTIVATION_FORMATS))
 def test_greedy_tokens_and_logprobs_match_the_tools_reference(name, demo_model_dir):
     expected = json.loads((FIXTURES / name / "reference.json").read_text())
+    tolerance = (FORMATS | ACTIVATION_FORMATS)[name].tolerance
     llm = load(name, demo_model_dir)
     for run in expected["runs"]:
         tokens, logprobs = run_engine(llm, run["prompt"], len(run["tokens"]))
         assert tokens == run["tokens"]
-        assert logprobs == pytest.approx(run["logprobs"], abs=FORMATS[name].tolerance)
+        assert logprobs == pytest.approx(run["logprobs"], abs=tolerance)
     llm.engine.check_no_leaks()
 
 
@@ -91,7 +113,8 @@ def test_the_layout_dequantizes_as_an_independent_reader_does(name, demo_model_d
     llm.engine.check_no_leaks()
 
 
-@pytest.mark.parametrize("name", ["ct-w4a16-asym-g32", "ct-w8a16-channel"])
+@pytest.mark.parametrize("name", ["ct-w4a16-asym-g32", "ct-w8a16-channel",
+                                  "gptq-w4-sym-g32-actorder", "autoround-awq-w4-g32"])
 def test_bfloat16_on_cpu_runs_the_packed_kernels_close_to_float32(name, demo_model_dir):
     """dtype "auto" picks bfloat16 for quantized weights on CPU, where torch's packed kernels
     take them; the first token comes from the same context as in float32."""
@@ -105,3 +128,23 @@ def test_bfloat16_on_cpu_runs_the_packed_kernels_close_to_float32(name, demo_mod
     assert tokens == run["tokens"][:1]
     assert logprobs[0] == pytest.approx(run["logprobs"][0], abs=0.1)
     llm.engine.check_no_leaks()
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATION_FORMATS))
+def test_eight_bit_weights_dequantize_as_an_independent_reader_does(name, demo_model_dir):
+    """The activations are rounded per call, so the weight layout is checked layer by layer:
+    every quantized layer's dense weight is its parts' weights as the test reads them."""
+    tensors = load_file(FIXTURES / name / "model.safetensors")
+    llm = load(name, demo_model_dir)
+    checked = 0
+    for path, module in llm.engine.model.named_modules():
+        if not isinstance(getattr(module, "method", None), DenseQuantizedMethod):
+            continue
+        parent = path.rpartition(".")[0]
+        parts = [f"model.{parent}.{part.name}" if part.name else f"model.{path}"
+                 for part in module.parts]
+        expected = torch.cat([ACTIVATION_FORMATS[name].dequantize(tensors, part)
+                              for part in parts])
+        torch.testing.assert_close(module.dequantized, expected, rtol=0, atol=0)
+        checked += 1
+    assert checked == 2 * 4  # qkv, o, gate_up and down in each of the 2 layers

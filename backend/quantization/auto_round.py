@@ -1,8 +1,8 @@
 """AutoRound checkpoints in its own format (quant_method "auto-round").
 
-Its packing_format says how the weights are stored: "auto_round:auto_gptq" and
-"auto_round:gptqmodel" are GPTQ's layout (zero point minus one, with g_idx), plain
-"auto_round" (asymmetric) is GPTQ's layout without g_idx, and "auto_round:auto_awq" is AWQ's.
+Its packing_format says how the weights are stored: "auto_round", "auto_round:auto_gptq" and
+"auto_round:gptqmodel" are GPTQ's layout (zero point minus one; g_idx or not), and
+"auto_round:auto_awq" (what auto-round 0.16 writes for asymmetric schemes) is AWQ's.
 extra_config overrides bits or group size per module (16 bits or more: left dense), and only
 modules inside block_name_to_quantize are quantized.
 """
@@ -61,8 +61,7 @@ class AutoRoundConfig(QuantizationConfig):
             return AWQLayout(bits, group_size)
         if bits not in GPTQ_BITS:
             raise ValueError(f"{SCHEME}: bits={bits} is not supported (supported: {GPTQ_BITS})")
-        return GPTQLayout(bits, group_size, zeros_minus_one=True,
-                          has_g_idx=self.packing_format != "auto_round")
+        return GPTQLayout(bits, group_size, zeros_minus_one=True)
 
 
 def _block_names(blocks: list) -> list[str]:

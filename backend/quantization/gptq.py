@@ -33,7 +33,8 @@ class GPTQLayout(PackedLayout):
     bits: int
     group_size: int  # -1: one group per output channel
     zeros_minus_one: bool  # the v1 format's stored zero point is zero - 1
-    has_g_idx: bool = True  # AutoRound's asymmetric "auto_round" packing saves none
+    # GPTQModel writes g_idx only with desc_act, AutoGPTQ always: contiguous groups without.
+    optional_tensors = ("g_idx",)
 
     def staged_tensors(self, layer: Linear) -> dict[str, StagedTensor]:
         per_word = values_per_word(self.bits)
@@ -41,16 +42,14 @@ class GPTQLayout(PackedLayout):
         if layer.input_size % per_word or layer.output_size % per_word:
             raise ValueError(f"gptq: a layer of {layer.input_size} -> {layer.output_size} "
                              f"features does not pack into {self.bits}-bit words")
-        tensors = {
+        return {
             "qweight": StagedTensor((layer.input_size // per_word, layer.output_size),
                                     torch.int32, out_dim=1),
             "qzeros": StagedTensor((groups, layer.output_size // per_word), torch.int32,
                                    out_dim=1, out_per_element=per_word),
             "scales": StagedTensor((groups, layer.output_size), torch.float32, out_dim=1),
+            "g_idx": StagedTensor((layer.input_size,), torch.int32, out_dim=None),
         }
-        if self.has_g_idx:
-            tensors["g_idx"] = StagedTensor((layer.input_size,), torch.int32, out_dim=None)
-        return tensors
 
     def int_weights(self, staged: dict[str, torch.Tensor], layer: Linear) -> IntWeights:
         zeros = unpack_int32(staged["qzeros"], self.bits, dim=1)
@@ -62,7 +61,7 @@ class GPTQLayout(PackedLayout):
             qweight=unpack_int32(staged["qweight"], self.bits, dim=0).t(),
             zeros=zeros.t(),
             scales=staged["scales"].t(),
-            g_idx=same_g_idx(staged["g_idx"], "gptq") if self.has_g_idx else None,
+            g_idx=same_g_idx(staged["g_idx"], "gptq") if "g_idx" in staged else None,
         )
 
 

@@ -41,6 +41,8 @@ class PackedLayout(ABC):
     bits: int
     # Checkpoint tensors that only describe the others (checked by `verify`, never staged).
     metadata_tensors: tuple[str, ...] = ()
+    # Staged tensors some writers leave out; int_weights finds them missing from `staged`.
+    optional_tensors: tuple[str, ...] = ()
 
     @abstractmethod
     def staged_tensors(self, layer: Linear) -> dict[str, StagedTensor]:
@@ -83,6 +85,8 @@ class WeightOnlyIntMethod(LinearMethod):
 
     def create_weights(self, layer: Linear) -> None:
         layer.params_dtype = torch.get_default_dtype()
+        # Optional tensor name -> how many parts brought one.
+        layer.optional_loaded = dict.fromkeys(self.layout.optional_tensors, 0)
         for name, spec in self.layout.staged_tensors(layer).items():
             shape = spec.shape if spec.out_dim is not None else (len(layer.parts), *spec.shape)
             layer.register_buffer(name, torch.empty(shape, dtype=spec.dtype))
@@ -94,7 +98,12 @@ class WeightOnlyIntMethod(LinearMethod):
         names += self.layout.metadata_tensors
         return names + ["bias"] if layer.has_bias else names
 
+    def optional_tensors(self, layer: Linear) -> list[str]:
+        return list(self.layout.optional_tensors)
+
     def load(self, layer: Linear, tensor_name: str, tensor: torch.Tensor, part: OutputPart) -> None:
+        if tensor_name in layer.optional_loaded:
+            layer.optional_loaded[tensor_name] += 1
         if tensor_name == "bias":
             copy_rows(layer.bias, tensor, part, tensor_name)
             return
@@ -112,6 +121,13 @@ class WeightOnlyIntMethod(LinearMethod):
     def after_loading(self, layer: Linear) -> None:
         names = list(self.layout.staged_tensors(layer))
         staged = {name: layer._buffers.pop(name) for name in names}
+        for name, count in layer.optional_loaded.items():
+            if count == 0:
+                del staged[name]
+            elif count != len(layer.parts):
+                raise ValueError(f"{name} comes with {count} of the {len(layer.parts)} fused "
+                                 f"parts {[part.name for part in layer.parts]}: all or none")
+        del layer.optional_loaded
         weights = self.layout.int_weights(staged, layer)
         layer.kernel = int_kernel(weights, layer.params_dtype)
 

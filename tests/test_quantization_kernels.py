@@ -1,19 +1,30 @@
-"""The CPU kernels a quantized layer may run on give the product with its dequantized weight:
+"""The kernels a quantized layer may run on give the product with its dequantized weight:
 torch's int4 pack kernel (contiguous groups, and act-order groups through a permutation of the
-input features), its int8 pack kernel, and the dense fallback."""
+input features), its int8 pack kernel, the dense fallback, and the Triton W4A16/W8A16 GEMM
+(under Triton's interpreter on CPU, compiled on CUDA with the gpu marker)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton_devices
 
 from pagoda.backend.quantization.int_weights import IntWeights
 from pagoda.backend.quantization.kernels import (
     DenseKernel,
     Int4PackKernel,
     Int8PackKernel,
+    TritonIntKernel,
     int_kernel,
 )
+
+# The Triton kernel accumulates in float32 and rounds once to the output type; half-precision
+# operands of its products add a little on CUDA.
+KERNEL_TOLERANCES = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-2, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 5e-2, "rtol": 2e-2},
+}
 
 
 def random_weights(bits: int, out_features: int, in_features: int, group_size: int,
@@ -74,3 +85,26 @@ def test_float32_and_unsupported_layouts_dequantize_at_load():
                       DenseKernel)
     assert isinstance(int_kernel(random_weights(4, 48, 256, 16, False, True), torch.bfloat16),
                       DenseKernel)
+
+
+@pytest.mark.parametrize("device", triton_devices.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("bits, group_size, act_order, symmetric", [
+    (4, 32, False, True), (4, 64, True, False), (8, 128, False, False), (8, 32, True, True)])
+def test_triton_int_matmul_equals_its_reference(device, dtype, bits, group_size, act_order,
+                                                symmetric):
+    from pagoda.kernels import int_matmul_reference
+
+    device = triton_devices.require(device)
+    weights = random_weights(bits, 80, 256, group_size, act_order, symmetric)
+    kernel = TritonIntKernel(weights).to(device)
+    x = torch.randn(5, 256, device=device).to(dtype)
+    out = kernel(x)
+    expected = int_matmul_reference(x, kernel.qweight, kernel.scales, kernel.zeros, kernel.g_idx,
+                                    bits)
+    torch.testing.assert_close(out, expected, **KERNEL_TOLERANCES[dtype])
+    # The reference is the dequantized weight's product: the repacked layout loses nothing.
+    torch.testing.assert_close(
+        expected.float(), (x.float() @ weights.dequantize(torch.float32).t().to(device)).to(dtype).float(),
+        **KERNEL_TOLERANCES[dtype])

@@ -3,8 +3,10 @@
 On CPU in bfloat16, torch's packed kernels (`_weight_int8pack_mm` for symmetric per-channel
 8-bit, `_weight_int4pack_mm_for_cpu` for 4-bit in groups of 32-256) read the small weights
 directly: 2-3x a dense matvec at batch 1. Their float32 activations are several times slower
-than dense, so every other case (float32 compute, as the exactness tests use; float16; CUDA;
-layouts the kernels do not take) dequantizes once at load and runs a dense matmul.
+than dense. On CUDA in half precision, 4- and 8-bit weights go through the Triton W4A16/W8A16
+GEMM (`pagoda.kernels.triton.int_matmul_triton`). Every other case (float32 compute, as the
+exactness tests use; float16 on CPU; layouts the kernels do not take) dequantizes once at load
+and runs a dense matmul.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.backend.quantization.int_weights import IntWeights
+from pagoda.backend.quantization.packing import pack_int32
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # The int4 kernel tiles the output features by 16.
@@ -73,9 +76,35 @@ class Int4PackKernel(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
+class TritonIntKernel(nn.Module):
+    """4- or 8-bit weights packed along the input features (GPTQ's way, so a row of words
+    covers contiguous output features), float32 scales and zero points per group, and g_idx
+    for every input feature (act order needs no permutation)."""
+
+    def __init__(self, weights: IntWeights) -> None:
+        super().__init__()
+        self.bits = weights.bits
+        self.register_buffer(
+            "qweight", pack_int32(weights.qweight.t(), weights.bits, dim=0).contiguous())
+        self.register_buffer("scales", weights.scales.t().float().contiguous())
+        self.register_buffer("zeros", weights.zeros.t().float().contiguous())
+        self.register_buffer("g_idx", weights.groups_of_inputs().to(torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pagoda.kernels.triton import int_matmul_triton
+
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = int_matmul_triton(flat, self.qweight, self.scales, self.zeros, self.g_idx,
+                                self.bits)
+        return out.reshape(*x.shape[:-1], -1)
+
+
 def int_kernel(weights: IntWeights, dtype: torch.dtype) -> nn.Module:
     """The fastest kernel for these weights with `dtype` activations on their device."""
-    if weights.qweight.device.type == "cpu" and dtype == torch.bfloat16:
+    device = weights.qweight.device.type
+    if device == "cuda" and dtype in (torch.float16, torch.bfloat16) and weights.bits in (4, 8):
+        return TritonIntKernel(weights)
+    if device == "cpu" and dtype == torch.bfloat16:
         if weights.bits == 8 and weights.scales.shape[1] == 1 and bool((weights.zeros == 128).all()):
             return Int8PackKernel(weights)
         if weights.bits == 4 and _int4_fits(weights):

@@ -37,3 +37,15 @@ def unpack_awq(packed: torch.Tensor, bits: int) -> torch.Tensor:
     order = torch.tensor(AWQ_ORDER, device=packed.device).argsort()
     rows = shuffled.shape[0]
     return shuffled.view(rows, -1, 8)[:, :, order].reshape(rows, -1)
+
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unsigned `bits`-bit values -> int32 words along `dim` (the inverse of unpack_int32)."""
+    per_word = values_per_word(bits)
+    moved = values.to(torch.int64).movedim(dim, -1)
+    grouped = moved.reshape(*moved.shape[:-1], -1, per_word)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
+    words = (grouped << shifts).sum(-1)
+    # Two's complement: the top value's high bit is int32's sign bit.
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim)

@@ -22,7 +22,8 @@ def gptq(tensors: dict, prefix: str, bits: int, zero_offset: int) -> torch.Tenso
     qweight = tensors[f"{prefix}.qweight"]  # [in/pack, out], packed along the inputs
     q = unpack_words(qweight, bits).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
     qzeros = tensors[f"{prefix}.qzeros"]  # [groups, out/pack]
-    zeros = (unpack_words(qzeros, bits).reshape(qzeros.shape[0], -1) + zero_offset) & ((1 << bits) - 1)
+    zeros = unpack_words(qzeros, bits).reshape(qzeros.shape[0], -1)
+    zeros = (zeros + zero_offset) & ((1 << bits) - 1)
     scales = tensors[f"{prefix}.scales"].float()
     in_features = q.shape[0]
     g_idx = tensors.get(f"{prefix}.g_idx")

@@ -66,8 +66,8 @@ def test_int8_pack_kernel_takes_symmetric_per_channel_weights_only():
     kernel = int_kernel(weights, torch.bfloat16)
     assert isinstance(kernel, Int8PackKernel)
     x = torch.randn(2, 5, 64)
-    torch.testing.assert_close(kernel(x), bf16_product(weights, x.reshape(10, 64)).reshape(2, 5, 32),
-                               rtol=2e-2, atol=2e-2)
+    expected = bf16_product(weights, x.reshape(10, 64)).reshape(2, 5, 32)
+    torch.testing.assert_close(kernel(x), expected, rtol=2e-2, atol=2e-2)
     asymmetric = random_weights(8, 32, 64, 64, False, False)
     grouped = random_weights(8, 32, 64, 32, False, True)
     assert isinstance(int_kernel(asymmetric, torch.bfloat16), DenseKernel)
@@ -105,6 +105,6 @@ def test_triton_int_matmul_equals_its_reference(device, dtype, bits, group_size,
                                     bits)
     torch.testing.assert_close(out, expected, **KERNEL_TOLERANCES[dtype])
     # The reference is the dequantized weight's product: the repacked layout loses nothing.
-    torch.testing.assert_close(
-        expected.float(), (x.float() @ weights.dequantize(torch.float32).t().to(device)).to(dtype).float(),
-        **KERNEL_TOLERANCES[dtype])
+    dense = weights.dequantize(torch.float32).t().to(device)
+    torch.testing.assert_close(expected.float(), (x.float() @ dense).to(dtype).float(),
+                               **KERNEL_TOLERANCES[dtype])

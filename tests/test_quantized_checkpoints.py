@@ -37,7 +37,8 @@ class Fixture:
 FORMATS: dict[str, Fixture] = {
     "ct-w4a16-sym-g32": Fixture(partial(reference.pack_quantized, bits=4)),
     "ct-w4a16-asym-g32": Fixture(partial(reference.pack_quantized, bits=4)),
-    "ct-w8a16-channel": Fixture(partial(reference.pack_quantized, bits=8), bf16_kernel=Int8PackKernel),
+    "ct-w8a16-channel": Fixture(partial(reference.pack_quantized, bits=8),
+                                bf16_kernel=Int8PackKernel),
     # GPTQ through llm-compressor, its down_proj layers left dense by the ignore list.
     "ct-gptq-w4a16": Fixture(partial(reference.pack_quantized, bits=4)),
     # gptqmodel: act-order (permuted g_idx), and 8-bit asymmetric without g_idx; its reference
@@ -73,7 +74,9 @@ def run_engine(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int],
     return out.token_ids, [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
 
 
-def run_transformers(folder: Path, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+def run_transformers(
+    folder: Path, prompt: list[int], max_tokens: int
+) -> tuple[list[int], list[float]]:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,

@@ -142,7 +142,9 @@ def _group_method(name: str, group: dict, fmt: str | None) -> LinearMethod:
         PackQuantizedLayout(bits, group_size, bool(weights.get("symmetric", True)), has_g_idx))
 
 
-def _eight_bit_method(where: str, fmt: str, weights: dict, activations: dict | None) -> LinearMethod:
+def _eight_bit_method(
+    where: str, fmt: str, weights: dict, activations: dict | None
+) -> LinearMethod:
     """int-quantized (int8 weights) or float-quantized (fp8 weights), activations dynamic or
     left alone."""
     kind = EIGHT_BIT_FORMATS[fmt]

@@ -49,9 +49,10 @@ def resolve_quantization(
             f"{method}; leave quantization unset or pass {method!r}"
         )
     if method not in CHECKPOINT_CONFIGS:
-        supported = ", ".join(sorted(CHECKPOINT_CONFIGS))
-        also = " (fp8 is supported only as online quantization of unquantized checkpoints)" \
-            if method == "fp8" and "fp8" in CHECKPOINT_SCHEMES else ""
+        also = " (FP8 checkpoints are read in compressed-tensors' form, as llm-compressor writes "\
+               "them; --quantization fp8 quantizes an unquantized checkpoint at load)" \
+            if method == "fp8" else ""
+        supported = ", ".join(CHECKPOINT_SCHEMES)
         raise ValueError(f"the checkpoint is quantized with {method}, which Pagoda does not load"
                          f"{also}; supported quantized checkpoints: {supported}")
     return CHECKPOINT_CONFIGS[method](checkpoint)

@@ -76,6 +76,9 @@ class GPTQConfig(QuantizationConfig):
         if checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"gptq: checkpoint_format {checkpoint_format!r} is not supported "
                              "(supported: 'gptq', 'gptq_v2')")
+        if config.get("lm_head"):
+            raise ValueError("gptq: a quantized lm_head (lm_head=true) is not supported "
+                             "(supported: the LM head left dense)")
         self.layout = GPTQLayout(bits, int(get_field(config, "group_size", self.scheme, -1)),
                                  zeros_minus_one=checkpoint_format == "gptq")
         # GPTQModel's per-module overrides: "-:<regex>" leaves matching modules dense,

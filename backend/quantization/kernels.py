@@ -105,7 +105,8 @@ def int_kernel(weights: IntWeights, dtype: torch.dtype) -> nn.Module:
     if device == "cuda" and dtype in (torch.float16, torch.bfloat16) and weights.bits in (4, 8):
         return TritonIntKernel(weights)
     if device == "cpu" and dtype == torch.bfloat16:
-        if weights.bits == 8 and weights.scales.shape[1] == 1 and bool((weights.zeros == 128).all()):
+        symmetric = bool((weights.zeros == 1 << (weights.bits - 1)).all())
+        if weights.bits == 8 and weights.scales.shape[1] == 1 and symmetric:
             return Int8PackKernel(weights)
         if weights.bits == 4 and _int4_fits(weights):
             order = weights.contiguous_order()

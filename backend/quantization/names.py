@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# Schemes read from a checkpoint's quantization_config.
-CHECKPOINT_SCHEMES = ("awq", "auto-round", "compressed-tensors", "fp8", "gptq")
+# Schemes read from a checkpoint's quantization_config (FP8 checkpoints in compressed-tensors'
+# form, as llm-compressor writes them).
+CHECKPOINT_SCHEMES = ("auto-round", "awq", "compressed-tensors", "gptq")
 # Schemes applied at load to an unquantized checkpoint (weight-only, round to nearest).
 ONLINE_SCHEMES = ("fp8", "int8")
 QUANTIZATION_METHODS = tuple(sorted({*CHECKPOINT_SCHEMES, *ONLINE_SCHEMES}))

@@ -112,8 +112,8 @@ class WeightOnlyIntMethod(LinearMethod):
         spec = self.layout.staged_tensors(layer)[tensor_name]
         staged = getattr(layer, tensor_name)
         if spec.out_dim is None:
-            copy_rows(staged, tensor.unsqueeze(0), OutputPart(part.name, layer.parts.index(part), 1),
-                      tensor_name)
+            row = OutputPart(part.name, layer.parts.index(part), 1)
+            copy_rows(staged, tensor.unsqueeze(0), row, tensor_name)
             return
         band = _packed_band(part, spec.out_per_element, tensor_name)
         copy_rows(staged, tensor, band, tensor_name, dim=spec.out_dim)

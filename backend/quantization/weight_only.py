@@ -61,9 +61,9 @@ class PackedLayout(ABC):
 
 
 def groups_of(layer: Linear, group_size: int | None, scheme: str) -> int:
-    """How many quantization groups the layer's input features make (group size None or -1:
-    one group, per output channel)."""
-    if group_size in (None, -1):
+    """How many quantization groups the layer's input features make (group size None or -1,
+    or one at least as large as the input: one group, per output channel)."""
+    if group_size in (None, -1) or group_size >= layer.input_size:
         return 1
     if layer.input_size % group_size:
         raise ValueError(f"{scheme}: group_size {group_size} does not divide the input size "

@@ -74,6 +74,9 @@ class EngineConfig:
     # The checkpoint's quantization (checked against its quantization_config), or an online
     # scheme for an unquantized checkpoint ("int8", "fp8"); None: as the checkpoint says.
     quantization: str | None = None
+    # Where requests' default sampling settings come from (backend/generation_defaults.py):
+    # "auto" (the model's generation_config.json), "vllm" (none) or a folder.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -104,6 +107,12 @@ class EngineConfig:
                 canonical_scheme(self.quantization) not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
                              f"got {self.quantization!r}")
+        if (self.generation_config not in ("auto", "vllm")
+                and not Path(self.generation_config).expanduser().is_dir()):
+            raise ValueError(
+                "generation_config must be 'auto', 'vllm' or a folder holding a "
+                f"generation_config.json, got {self.generation_config!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -47,8 +47,12 @@ class ModelRunner:
             metadata = self.backend.prepare(
                 model_input.layout, self.device, self.model.sliding_window
             )
+            # Only a model with a long-context threshold takes (and gets) the per-token flags;
+            # decode-only steps above need none (their positions tell).
+            extra = ({} if model_input.long_context is None
+                     else {"long_context": model_input.long_context})
             hidden = self.model(
-                model_input.input_ids, model_input.positions, self.kv_caches, metadata
+                model_input.input_ids, model_input.positions, self.kv_caches, metadata, **extra
             )
         output = ModelOutput()
         if model_input.sampling_rows:

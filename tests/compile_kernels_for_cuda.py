@@ -5,8 +5,8 @@ TRITON_INTERPRET); instead of launching, every launch goes through Triton's own 
 and specialization for a target GPU and is compiled down to a cubin with the ptxas bundled in the
 triton wheel. This checks what the interpreter cannot: that the kernels are valid compiled Triton
 (types of loop-carried values, constexpr use, tl.dot shapes and operand types) for the float16,
-bfloat16 and float32 variants of two head layouts, on Ampere (sm_80) and Hopper (sm_90). It does
-not run them.
+bfloat16 and float32 variants of two head layouts and of the fused-MoE kernels, on Ampere (sm_80)
+and Hopper (sm_90). It does not run them.
 
     python tests/compile_kernels_for_cuda.py   (test_kernels.py runs it)
 
@@ -101,6 +101,20 @@ def run_every_wrapper(dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
         )
 
 
+def run_moe_wrapper(dtype: torch.dtype) -> None:
+    """The fused-MoE kernels at both block sizes: a decode-sized step (few tokens over many
+    experts) and a prefill-sized one, with sizes that are not powers of two."""
+    from pagoda.kernels.triton import fused_moe_triton
+
+    num_experts, top_k, hidden_size, intermediate_size = 64, 6, 2048 + 64, 768 + 16
+    gate_up = torch.zeros(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype)
+    down = torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype)
+    for num_tokens in (4, 300):
+        hidden = torch.zeros(num_tokens, hidden_size, dtype=dtype)
+        topk_weights, topk_ids = torch.rand(num_tokens, num_experts).topk(top_k)
+        fused_moe_triton(hidden, gate_up, down, topk_weights, topk_ids)
+
+
 def run_backend_steps(max_seq_lens: list[int]) -> None:
     """One Triton-backend step per length: decodes up to that length (one exactly), a prefill
     chunk ending there and a whole short prompt, so every kernel sees each maximum."""
@@ -143,6 +157,7 @@ def main() -> None:
     for dtype in DTYPES:
         for heads in HEAD_SHAPES:
             run_every_wrapper(dtype, heads)
+        run_moe_wrapper(dtype)
     print(f"compiled {len(compiled)} kernel variants in {time.monotonic() - started:.1f} s")
     for name in sorted(compiled):
         print(" ", name)

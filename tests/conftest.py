@@ -1,20 +1,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-# transformers (5.25 and later) imports the PyPI package `kernels`. `python -m pytest` puts the
-# checkout's root first on sys.path, where Pagoda's own kernels/ folder (installed as
-# pagoda.kernels) would shadow it; nothing here imports from the root (pagoda is installed), so
-# the root leaves the path, and PYTHONSAFEPATH keeps it off the path of the servers and scripts
-# the tests start with `python -m` from the root.
-_CHECKOUT = Path(__file__).resolve().parents[1]
-sys.path[:] = [entry for entry in sys.path if Path(entry or os.getcwd()).resolve() != _CHECKOUT]
-os.environ["PYTHONSAFEPATH"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Imported before transformers: it takes the checkout's root off sys.path, where `python -m
+# pytest` put it and where Pagoda's kernels/ folder would shadow the PyPI package `kernels`.
+import pagoda.backend  # noqa: F401
 
 # Triton decides once per process, when it is first imported, whether kernels are compiled or run
 # by its interpreter. Without CUDA they can only be interpreted, so the suite turns the interpreter

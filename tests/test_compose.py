@@ -59,9 +59,12 @@ def strings_in(node: Any) -> list[str]:
     return [node] if isinstance(node, str) else []
 
 
+ROUTER_PROFILE = {"pagoda-replica-1", "pagoda-replica-2", "router"}
+
+
 def test_expected_services(services):
     assert set(services) == {"pagoda", "open-webui", "fastchat-controller", "pagoda-worker",
-                             "fastchat-arena"}
+                             "fastchat-arena", *ROUTER_PROFILE}
     assert services["open-webui"]["image"] == "ghcr.io/open-webui/open-webui:v0.12.4"
 
 
@@ -76,7 +79,11 @@ def test_builds_and_dockerfiles_exist_and_pin_versions():
             assert dockerfile.is_file(), f"{name}: {dockerfile}"
             text = dockerfile.read_text()
             assert re.search(r"^FROM \S+:\S*\d", text, re.M), f"{dockerfile} base is not pinned"
-            assert "torch==2.13.0 --index-url" in text, dockerfile
+            if dockerfile.name == "Dockerfile.router":  # a Rust binary, no torch
+                assert re.search(r"^RUN pip install sglang-router==\S+$", text, re.M), dockerfile
+                assert not re.search(r"^RUN .*\btorch\b", text, re.M), dockerfile
+            else:
+                assert "torch==2.13.0 --index-url" in text, dockerfile
             for copied in re.findall(r"^COPY (.+) \S+$", text, re.M):
                 for source in copied.split():
                     assert (ROOT / build["context"] / source).exists(), f"{dockerfile}: {source}"
@@ -86,9 +93,9 @@ def test_ports_and_healthchecks_match_what_each_service_listens_on(services):
     host_ports = []
     for name, service in services.items():
         for mapping in service.get("ports", []):
-            host, container = mapping.split(":")
+            host, container = mapping.rsplit(":", 1)  # host: [address:]port
             assert int(container) == listening_port(service), name
-            host_ports.append(host)
+            host_ports.append(host.rsplit(":", 1)[-1])
         if "healthcheck" in service:
             urls = SERVICE_URL.findall(" ".join(service["healthcheck"]["test"]))
             assert urls == [("127.0.0.1", str(listening_port(service)))], name
@@ -149,6 +156,32 @@ def test_fastchat_commands_use_flags_fastchat_has(services):
         source = (fastchat_serve / f"{flag(args, '-m').split('.')[-1]}.py").read_text()
         for option in (arg for arg in args if arg.startswith("--")):
             assert f'"{option}"' in source, f"{name}: {option}"
+
+
+def test_router_profile_fronts_two_replicas_on_localhost_only(services):
+    for name in ROUTER_PROFILE:
+        assert services[name]["profiles"] == ["router"], name
+    for name in set(services) - ROUTER_PROFILE:
+        assert "profiles" not in services[name], name  # a plain `up` starts what it did
+    router = services["router"]
+    assert router["ports"] == ["127.0.0.1:30000:30000"]
+    args = argv(router)
+    # The Prometheus exporter binds 0.0.0.0 unless told otherwise; it is not published.
+    assert flag(args, "--prometheus-host") == "127.0.0.1"
+    assert flag(args, "--policy") == "cache_aware"
+    urls = args[args.index("--worker-urls") + 1:args.index("--policy")]
+    assert urls == ["http://pagoda-replica-1:8000", "http://pagoda-replica-2:8000"]
+    for name in ("pagoda-replica-1", "pagoda-replica-2"):
+        replica = services[name]
+        assert "ports" not in replica  # reached through the router only
+        serve = build_parser().parse_args(argv(replica)[1:])
+        assert (serve.command, serve.host, serve.port) == ("serve", "0.0.0.0", 8000)
+        assert replica["environment"] == services["pagoda"]["environment"]
+    # The command line parses with the router's own parser, when it is installed here.
+    launch_router = pytest.importorskip("sglang_router.launch_router")
+    parsed = launch_router.parse_router_args(args[args.index("sglang_router.launch_router") + 1:])
+    assert (parsed.host, parsed.port, parsed.prometheus_host) == ("0.0.0.0", 30000, "127.0.0.1")
+    assert parsed.worker_urls == urls
 
 
 def test_gpu_override_reserves_gpus_for_the_pagoda_services(services):

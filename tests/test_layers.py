@@ -1,5 +1,6 @@
 """The shared model layers: fused linears loaded band by band from separate checkpoint tensors,
-checkpoint bookkeeping (missing, unexpected, misshapen, tied), partial rotary."""
+checkpoint bookkeeping (missing, unexpected, misshapen, tied), partial rotary, activations and
+LayerNorms as transformers computes them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from pagoda.backend.models.layers import Linear, apply_rotary, load_checkpoint
+from pagoda.backend.models.layers import (
+    ACTIVATIONS,
+    LayerNorm,
+    Linear,
+    PerHeadLayerNorm,
+    activation,
+    apply_rotary,
+    load_checkpoint,
+)
 
 
 class _Block(nn.Module):
@@ -66,3 +75,39 @@ def test_partial_rotary_turns_the_leading_features_and_passes_the_rest():
     # The rotated pair (0, 2) keeps its norm and turns by the angle.
     torch.testing.assert_close(out[..., 0] ** 2 + out[..., 2] ** 2, x[..., 0] ** 2 + x[..., 2] ** 2)
     torch.testing.assert_close(out[..., :4], apply_rotary(x[..., :4], (cos, sin)))
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_are_transformers_own(name):
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-6, 6, 101)
+    assert torch.equal(activation(name)(x), ACT2FN[name](x))
+
+
+def test_an_unknown_activation_is_named_with_its_field():
+    with pytest.raises(ValueError, match=r"activation_function 'gelu_10' is not supported"):
+        activation("gelu_10", "activation_function")
+
+
+def test_layer_norms_match_torch_and_transformers_per_head_norm():
+    from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerHead
+
+    x = torch.randn(3, 4, 8)
+    norm = LayerNorm(8, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    reference = torch.nn.LayerNorm(8, eps=1e-5)
+    reference.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), reference(x))
+    assert LayerNorm(8, 1e-5, elementwise_affine=False).weight is None
+    per_head = PerHeadLayerNorm(4, 8, 1e-5)
+    theirs = StableLmLayerNormPerHead(8, 4, eps=1e-5)
+    with torch.no_grad():
+        for param in per_head.parameters():
+            param.normal_()
+    theirs.load_state_dict(per_head.state_dict())  # same names: norms.{head}.weight
+    # transformers' heads are dimension 1 of [batch, heads, tokens, head_dim].
+    expected = theirs(x.transpose(0, 1)[None])[0].transpose(0, 1)
+    torch.testing.assert_close(per_head(x), expected)

@@ -82,15 +82,20 @@ def _fp8_round_trip(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).to(torch.float8_e4m3fn).float() * scale
 
 
-@pytest.mark.parametrize("scheme, round_trip", [("int8", _int8_round_trip),
-                                                ("fp8", _fp8_round_trip)])
+@pytest.mark.parametrize("variant, scheme, round_trip", [
+    ("qwen2", "int8", _int8_round_trip),  # q/k/v biases pass through unquantized
+    ("qwen2", "fp8", _fp8_round_trip),
+    ("phi3", "int8", _int8_round_trip),  # q/k/v and gate/up fused in the checkpoint itself
+    ("gpt-neox", "fp8", _fp8_round_trip),
+])
 def test_online_quantization_equals_the_rounded_weights_in_float32(
-        checkpoint, tmp_path, scheme, round_trip):
-    source = checkpoint("qwen2")  # q/k/v biases pass through unquantized
+        checkpoint, variant, scheme, round_trip):
+    source = checkpoint(variant)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    head = model.get_output_embeddings()
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
                 module.weight.copy_(round_trip(module.weight))
     prompt = [1, 30, 31, 32, 33, 34]
     with torch.no_grad():
@@ -107,3 +112,11 @@ def test_online_quantization_equals_the_rounded_weights_in_float32(
     assert [step[token].logprob for step, token in zip(got.logprobs, got.token_ids)] == \
         pytest.approx(expected_logprobs, abs=1e-4)
     llm.engine.check_no_leaks()
+
+
+def test_quantized_mixture_of_experts_checkpoints_are_refused(checkpoint, tmp_path):
+    folder = with_quantization_config(checkpoint("mixtral"), tmp_path / "moe", {
+        "quant_method": "gptq", "bits": 4, "group_size": 32})
+    with pytest.raises(ValueError, match="gptq checkpoints of this architecture are not "
+                                         "supported: .*quantized mixture-of-experts layers"):
+        LLM(str(folder), num_kv_blocks=8)

@@ -82,6 +82,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pooling", choices=POOLING_TYPES, default="last",
                        help="how /v1/embeddings pools the final hidden states: the last "
                             "token's, or their mean (L2-normalized either way)")
+    group.add_argument("--generation-config", default="auto",
+                       help="default sampling settings of requests that leave them unset: auto "
+                            "(temperature, top_p, top_k, min_p, repetition_penalty from the "
+                            "model's generation_config.json; its max_new_tokens caps max_tokens), "
+                            "vllm (none: the API's defaults), or a folder with that file")
     group.add_argument("--structured-outputs-backend", default=DEFAULT_BACKEND,
                        choices=sorted(BACKENDS),
                        help="grammar engine for response_format, tool_choice and guided_* "

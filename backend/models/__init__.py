@@ -5,12 +5,28 @@ from __future__ import annotations
 from torch import nn
 
 from pagoda.backend.models.base import CausalLM, KVCache, ModelContext
+from pagoda.backend.models.gpt_neox import GPTNeoXForCausalLM
 from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models.mixtral import MixtralForCausalLM
+from pagoda.backend.models.opt import OPTForCausalLM
+from pagoda.backend.models.phi3 import Phi3ForCausalLM
+from pagoda.backend.models.qwen2_moe import Qwen2MoeForCausalLM
+from pagoda.backend.models.qwen3 import Qwen3ForCausalLM
+from pagoda.backend.models.qwen3_moe import Qwen3MoeForCausalLM
+from pagoda.backend.models.stablelm import StableLmForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+    "StableLmForCausalLM": StableLmForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
 }
 # What each architecture covers, for `pagoda architectures` (the README's table is its output).
 MODEL_FAMILIES: dict[str, str] = {
@@ -19,6 +35,20 @@ MODEL_FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "Mistral 7B v0.1-v0.3 (v0.1's sliding-window attention included), "
                           "Zephyr and other Mistral fine-tunes",
     "Qwen2ForCausalLM": "Qwen2 and Qwen2.5, base and Instruct (0.5B-72B)",
+    "MixtralForCausalLM": "Mixtral 8x7B and 8x22B, base and Instruct (top-2 of 8 experts)",
+    "Qwen2MoeForCausalLM": "Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B, base and Chat/Instruct "
+                           "(routed experts plus a gated shared expert)",
+    "Qwen3MoeForCausalLM": "Qwen3-30B-A3B, Qwen3-235B-A22B and Qwen3-Coder-30B-A3B, base, "
+                           "Instruct and Thinking",
+    "Qwen3ForCausalLM": "Qwen3 dense, base and hybrid-thinking (0.6B-32B)",
+    "Phi3ForCausalLM": "Phi-3 mini and medium (4k, and 128k with LongRoPE), Phi-3.5-mini, "
+                       "Phi-4 and Phi-4-mini",
+    "GPTNeoXForCausalLM": "Pythia, Dolly v2, OpenAssistant's Pythia SFT models, StableLM-alpha "
+                          "(base and tuned), GPT-NeoX-20B, RedPajama-INCITE",
+    "StableLmForCausalLM": "StableLM-3B-4E1T, StableLM 2 (1.6B, 12B; base, chat, Zephyr), "
+                           "StableLM Zephyr 3B",
+    "OPTForCausalLM": "OPT 125M-66B (pre- and post-norm layers, 350m's projected embeddings) "
+                      "and fine-tunes that keep this architecture",
 }
 
 

@@ -53,7 +53,13 @@ class ModelContext:
 
 
 class CausalLM(Protocol):
-    """A decoder-only model over the paged KV cache, as the engine drives it."""
+    """A decoder-only model over the paged KV cache, as the engine drives it.
+
+    Optionally (LongRoPE, see backend/long_context.py) a model has a `long_context_threshold`
+    (int or None): its forward then also takes `long_context`, a [num_tokens] bool tensor saying
+    which tokens belong to sequences longer than the threshold; without it (decode-only steps)
+    a token's position decides.
+    """
 
     @property
     def attention_backend(self) -> AttentionBackend:

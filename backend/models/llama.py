@@ -1,7 +1,8 @@
 """The Llama family (Llama 1-3, Vicuna, Mistral, Qwen2) reading and writing the paged KV cache.
 
 One implementation covers the three architectures; they differ only in configuration: Qwen2 adds
-biases to q/k/v, Mistral may set a sliding window, Llama 3 scales its rotary frequencies.
+biases to q/k/v, Mistral may set a sliding window, Llama 3 scales its rotary frequencies. Families
+that differ only in their layers (Qwen3, the mixtures of experts) override `make_layer`.
 Numerics follow transformers' implementation (RMSNorm in float32, rotate-half rotary embedding),
 so float32 outputs match it token for token.
 """
@@ -28,7 +29,8 @@ from pagoda.backend.models.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    def __init__(self, ctx: ModelContext, prefix: str, qkv_bias: bool | None = None) -> None:
+        """`qkv_bias` None: q/k/v have biases in Qwen2 or with attention_bias set."""
         super().__init__()
         config = ctx.config
         self.num_heads = config.num_attention_heads
@@ -36,12 +38,18 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        # transformers' Llama biases all four projections when attention_bias is set; Qwen2
+        # (and the families passing qkv_bias) bias q/k/v only.
+        attention_bias = getattr(config, "attention_bias", False)
+        bias = qkv_bias
+        if bias is None:
+            bias = config.model_type == "qwen2" or attention_bias
+        output_bias = qkv_bias is None and config.model_type != "qwen2" and attention_bias
         self.qkv_proj = ctx.linear(
             f"{prefix}.qkv_proj", config.hidden_size,
             {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size}, bias,
         )
-        self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, False)
+        self.o_proj = ctx.linear(f"{prefix}.o_proj", self.q_size, config.hidden_size, output_bias)
         self.backend = ctx.attention
         self.scale = self.head_dim**-0.5
 
@@ -65,12 +73,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    def __init__(
+        self, ctx: ModelContext, prefix: str, intermediate_size: int | None = None
+    ) -> None:
+        """`intermediate_size` None: the config's."""
         super().__init__()
         config = ctx.config
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
-        self.intermediate_size = config.intermediate_size
+        self.intermediate_size = (config.intermediate_size if intermediate_size is None
+                                  else intermediate_size)
         self.gate_up_proj = ctx.linear(
             f"{prefix}.gate_up_proj", config.hidden_size,
             {"gate_proj": self.intermediate_size, "up_proj": self.intermediate_size}, False,
@@ -85,13 +97,22 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, ctx: ModelContext, prefix: str) -> None:
+    """Pre-norm attention and feed-forward blocks, each added to the residual stream. Families
+    that keep this shape pass their own `attention` or `mlp` (a mixture of experts)."""
+
+    def __init__(
+        self,
+        ctx: ModelContext,
+        prefix: str,
+        attention: nn.Module | None = None,
+        mlp: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         config = ctx.config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(ctx, f"{prefix}.self_attn")
+        self.self_attn = Attention(ctx, f"{prefix}.self_attn") if attention is None else attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(ctx, f"{prefix}.mlp")
+        self.mlp = MLP(ctx, f"{prefix}.mlp") if mlp is None else mlp
 
     def forward(
         self,
@@ -111,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(ctx, f"layers.{index}") for index in range(config.num_hidden_layers)
+            self.make_layer(ctx, index) for index in range(config.num_hidden_layers)
         )
         attn = self.layers[0].self_attn
         self.rotary = RotaryEmbedding(config, attn.head_dim, ctx.max_positions)
@@ -121,6 +142,11 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.sliding_window = _sliding_window(config)
+
+    def make_layer(self, ctx: ModelContext, index: int) -> nn.Module:
+        """Decoder layer `index` (module path "layers.{index}"); families that differ from Llama
+        only in their layers override this."""
+        return DecoderLayer(ctx, f"layers.{index}")
 
     @property
     def attention_backend(self) -> AttentionBackend:

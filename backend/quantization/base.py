@@ -13,6 +13,8 @@ class QuantizationConfig(ABC):
 
     # The scheme's name as --quantization spells it.
     scheme: str
+    # Whether the checkpoint's tensors are quantized (False: dense ones, quantized at load).
+    from_checkpoint: bool = True
 
     @abstractmethod
     def linear_method(self, module: str) -> LinearMethod:

@@ -53,6 +53,8 @@ class OnlineFp8Method(OnlineInt8Method):
 
 
 class OnlineConfig(QuantizationConfig):
+    from_checkpoint = False
+
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
         self.method: LinearMethod = OnlineInt8Method() if scheme == "int8" else OnlineFp8Method()

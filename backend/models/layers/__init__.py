@@ -1,7 +1,9 @@
-"""Building blocks the model families share: norms, rotary embeddings, linear layers whose
-storage a LinearMethod decides, and checkpoint loading by transformers' tensor names."""
+"""Building blocks the model families share: norms, activations, rotary embeddings, linear
+layers whose storage a LinearMethod decides, mixture-of-experts feed-forwards, and checkpoint
+loading by transformers' tensor names."""
 
-from pagoda.backend.models.layers.checkpoint import load_checkpoint
+from pagoda.backend.models.layers.activation import ACTIVATIONS, Activation, activation
+from pagoda.backend.models.layers.checkpoint import LoadsOwnTensors, load_checkpoint
 from pagoda.backend.models.layers.linear import (
     UNQUANTIZED,
     Linear,
@@ -10,9 +12,12 @@ from pagoda.backend.models.layers.linear import (
     UnquantizedLinearMethod,
     copy_rows,
 )
-from pagoda.backend.models.layers.norm import RMSNorm
+from pagoda.backend.models.layers.moe import ExpertNames, SparseMoE, StackedExperts, route
+from pagoda.backend.models.layers.norm import LayerNorm, PerHeadLayerNorm, RMSNorm
 from pagoda.backend.models.layers.rotary import (
+    LONGROPE_ARCHITECTURES,
     SUPPORTED_ROPE_TYPES,
+    LongRopeEmbedding,
     RotaryAngles,
     RotaryEmbedding,
     apply_rotary,
@@ -20,17 +25,29 @@ from pagoda.backend.models.layers.rotary import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
+    "LONGROPE_ARCHITECTURES",
     "SUPPORTED_ROPE_TYPES",
     "UNQUANTIZED",
+    "Activation",
+    "ExpertNames",
+    "LayerNorm",
     "Linear",
     "LinearMethod",
+    "LoadsOwnTensors",
+    "LongRopeEmbedding",
     "OutputPart",
+    "PerHeadLayerNorm",
     "RMSNorm",
     "RotaryAngles",
     "RotaryEmbedding",
+    "SparseMoE",
+    "StackedExperts",
     "UnquantizedLinearMethod",
+    "activation",
     "apply_rotary",
     "copy_rows",
     "load_checkpoint",
     "materialize",
+    "route",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -10,6 +11,16 @@ from torch import nn
 from pagoda.backend.models.layers.linear import Linear, OutputPart
 
 TensorSink = Callable[[torch.Tensor], None]
+
+
+@runtime_checkable
+class LoadsOwnTensors(Protocol):
+    """A module whose parameters are not laid out as the checkpoint stores them (experts stacked
+    into one tensor, one checkpoint tensor per expert): it routes its checkpoint tensors itself."""
+
+    def checkpoint_sinks(self) -> dict[str, TensorSink]:
+        """Checkpoint tensor name, relative to the module's path ("3.w1.weight"), -> what to do
+        with it; between them they fill every parameter of the module itself."""
 
 
 def load_checkpoint(
@@ -45,12 +56,19 @@ def _tensor_sinks(
     model: nn.Module, checkpoint_name: Callable[[str], str], skip: Callable[[str], bool]
 ) -> tuple[dict[str, TensorSink], set[str]]:
     """Checkpoint tensor name -> what to do with it, and the names that may be absent. A Linear
-    takes a tensor per part and per name its method expects; any other parameter is copied
-    whole."""
+    takes a tensor per part and per name its method expects; a module that LoadsOwnTensors
+    names its own; any other parameter is copied whole."""
     sinks: dict[str, TensorSink] = {}
     optional: set[str] = set()
     owned: set[int] = set()
     for module_path, module in model.named_modules():
+        if isinstance(module, LoadsOwnTensors):
+            for relative_name, sink in module.checkpoint_sinks().items():
+                name = checkpoint_name(f"{module_path}.{relative_name}")
+                if not skip(name):
+                    sinks[name] = sink
+            owned.update(id(param) for param in module.parameters(recurse=False))
+            continue
         if not isinstance(module, Linear):
             continue
         parent, _, own_name = module_path.rpartition(".")

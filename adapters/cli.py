@@ -55,6 +55,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "block-pool-startup": ("block_pool_startup.py", "KV block pool start-up and allocation "
                                                     "throughput at millions of blocks"),
     "structured": ("structured.py", "tokens/s under a JSON schema against unconstrained"),
+    "quantization": ("quantization.py", "batch-1 decode tokens/s and weight memory: fp32, "
+                                        "bf16, 8-bit and 4-bit weights"),
     "routing": ("routing.py", "two replicas behind sglang-router: cache_aware against "
                               "round_robin"),
     "plots": ("plots.py", "PNG plots of the result JSONs"),

@@ -27,10 +27,11 @@ from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.model_loading import eos_token_ids, load_model, resolve_engine_model
 from pagoda.backend.models import KVCache
-from pagoda.backend.models.loader import check_unquantized, checkpoint_dtype
+from pagoda.backend.models.loader import checkpoint_dtype
 from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
 from pagoda.backend.prompt import encode_prompt
+from pagoda.backend.quantization.detect import resolve_quantization
 from pagoda.backend.pooling import PoolingState
 from pagoda.backend.pooling_params import PoolingParams, PoolingType
 from pagoda.backend.sampler import Sampler
@@ -57,15 +58,15 @@ class LLMEngine:
         model_path = resolve_engine_model(config)
         self.model_path = model_path  # the local folder the weights were loaded from
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
-        check_unquantized(hf_config)
+        quantization = resolve_quantization(hf_config, config.quantization)
         self.hf_config = hf_config
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             config.tokenizer or model_path, trust_remote_code=config.trust_remote_code
         )
-        self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
+        self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config), quantization is not None)
         attention = get_attention_backend(self.device)
         self.model = load_model(model_path, hf_config, attention, self.dtype, self.device,
-                                config.allow_pickle_weights)
+                                config.allow_pickle_weights, quantization)
 
         num_layers, num_kv_heads, head_dim = self.model.kv_shape
         block_bytes = bytes_per_block(

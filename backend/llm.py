@@ -24,8 +24,8 @@ class LLM:
     """Runs batches of prompts to completion through one engine.
 
     Engine arguments are keywords with vLLM's names (dtype, device, block_size, num_kv_blocks,
-    max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, seed, ...);
-    with no model, the built-in demo model is used.
+    max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, seed,
+    quantization, ...); with no model, the built-in demo model is used.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:

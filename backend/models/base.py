@@ -23,8 +23,10 @@ def dense_linears(prefix: str) -> LinearMethod:
 class ModelContext:
     """Everything a family's constructor needs: the checkpoint's configuration, the attention
     backend every layer uses, how many positions to precompute rotary tables for, and which
-    LinearMethod stores each linear layer (by its module path in the model, e.g.
-    "layers.3.mlp.down_proj"; dense unless a quantization scheme says otherwise)."""
+    LinearMethod stores each linear layer (by the module path in the model of what the
+    checkpoint stores, e.g. "layers.3.mlp.down_proj"; a fused layer asks for each of its parts,
+    "layers.3.mlp.gate_proj" and "layers.3.mlp.up_proj"; dense unless a quantization scheme
+    says otherwise)."""
 
     config: PretrainedConfig
     attention: AttentionBackend
@@ -34,7 +36,20 @@ class ModelContext:
     def linear(
         self, prefix: str, input_size: int, output_sizes: int | dict[str, int], bias: bool
     ) -> Linear:
-        return Linear(input_size, output_sizes, bias, self.linear_method(prefix))
+        return Linear(input_size, output_sizes, bias, self._method_of(prefix, output_sizes))
+
+    def _method_of(self, prefix: str, output_sizes: int | dict[str, int]) -> LinearMethod:
+        if isinstance(output_sizes, int):
+            return self.linear_method(prefix)
+        # NOTE: quantization configs name checkpoint modules, and a fused layer is several of
+        # them; they are stored one way or not at all.
+        parent = prefix.rpartition(".")[0]
+        paths = [".".join(filter(None, (parent, name))) for name in output_sizes]
+        methods = [self.linear_method(path) for path in paths]
+        if any(method != methods[0] for method in methods):
+            raise ValueError(f"the parts {paths} of the fused layer {prefix} are quantized "
+                             "differently, which a fused layer cannot store")
+        return methods[0]
 
 
 class CausalLM(Protocol):

@@ -37,15 +37,16 @@ def load_checkpoint(
     a tied LM head stored twice). Every other expected tensor must come exactly once; a missing
     or unexpected one is a ValueError.
     """
-    sinks = _tensor_sinks(model, checkpoint_name, skip)
+    sinks, optional = _tensor_sinks(model, checkpoint_name, skip)
     for name, tensor in weights:
         if skip(name):
             continue
         if name not in sinks:
             raise ValueError(f"unexpected tensor in checkpoint: {name}")
         sinks.pop(name)(tensor)
-    if sinks:
-        raise ValueError(f"checkpoint lacks tensors: {sorted(sinks)[:8]}")
+    missing = sorted(set(sinks) - optional)
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors: {missing[:8]}")
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.after_loading(module)
@@ -53,11 +54,12 @@ def load_checkpoint(
 
 def _tensor_sinks(
     model: nn.Module, checkpoint_name: Callable[[str], str], skip: Callable[[str], bool]
-) -> dict[str, TensorSink]:
-    """Checkpoint tensor name -> what to do with it. A Linear takes a tensor per part and per
-    name its method expects; a module that LoadsOwnTensors names its own; any other parameter is
-    copied whole."""
+) -> tuple[dict[str, TensorSink], set[str]]:
+    """Checkpoint tensor name -> what to do with it, and the names that may be absent. A Linear
+    takes a tensor per part and per name its method expects; a module that LoadsOwnTensors
+    names its own; any other parameter is copied whole."""
     sinks: dict[str, TensorSink] = {}
+    optional: set[str] = set()
     owned: set[int] = set()
     for module_path, module in model.named_modules():
         if isinstance(module, LoadsOwnTensors):
@@ -72,10 +74,13 @@ def _tensor_sinks(
         parent, _, own_name = module_path.rpartition(".")
         for part in module.parts:
             part_path = ".".join(filter(None, (parent, part.name or own_name)))
+            optional_names = module.method.optional_tensors(module)
             for tensor_name in module.method.checkpoint_tensors(module):
                 name = checkpoint_name(f"{part_path}.{tensor_name}")
                 if not skip(name):
                     sinks[name] = _linear_sink(module, tensor_name, part)
+                    if tensor_name in optional_names:
+                        optional.add(name)
                     # NOTE: only a Linear that loads something owns its parameters: a LM head
                     # tied to the embedding (its tensors skipped) leaves the shared matrix to
                     # the embedding's own entry below.
@@ -86,7 +91,7 @@ def _tensor_sinks(
         name = checkpoint_name(path)
         if not skip(name):
             sinks[name] = _copy_sink(param, name)
-    return sinks
+    return sinks, optional
 
 
 def _linear_sink(layer: Linear, tensor_name: str, part: OutputPart) -> TensorSink:

@@ -38,6 +38,11 @@ class LinearMethod(ABC):
         """The tensor names (e.g. "weight", "bias"; "qweight", "scales" for GPTQ) the checkpoint
         holds for each part of the layer."""
 
+    def optional_tensors(self, layer: Linear) -> list[str]:
+        """Those of `checkpoint_tensors` that some writers of the format leave out (GPTQ's
+        g_idx when not quantized in activation order): their absence is no error."""
+        return []
+
     @abstractmethod
     def load(self, layer: Linear, tensor_name: str, tensor: torch.Tensor, part: OutputPart) -> None:
         """Put one checkpoint tensor of one part into the layer's parameters; ValueError (naming

@@ -55,6 +55,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "block-pool-startup": ("block_pool_startup.py", "KV block pool start-up and allocation "
                                                     "throughput at millions of blocks"),
     "structured": ("structured.py", "tokens/s under a JSON schema against unconstrained"),
+    "quantization": ("quantization.py", "batch-1 decode tokens/s and weight memory: fp32, "
+                                        "bf16, 8-bit and 4-bit weights"),
+    "routing": ("routing.py", "two replicas behind sglang-router: cache_aware against "
+                              "round_robin"),
     "plots": ("plots.py", "PNG plots of the result JSONs"),
 }
 DEFAULT_PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def architecture_table() -> str:
     """The README's table of supported architectures, generated from the model registry."""
     from pagoda.backend.models import MODEL_FAMILIES, MODEL_REGISTRY
-    from pagoda.backend.models.llama import SUPPORTED_ROPE_TYPES
+    from pagoda.backend.models.layers import LONGROPE_ARCHITECTURES, SUPPORTED_ROPE_TYPES
 
     rows = [
         f"| `{name}` | {MODEL_FAMILIES[name]} | "
@@ -161,7 +165,8 @@ def architecture_table() -> str:
         *rows,
         "",
         f"Rotary position scaling (`rope_scaling` / `rope_parameters`): "
-        f"{', '.join(SUPPORTED_ROPE_TYPES)}.",
+        f"{', '.join(SUPPORTED_ROPE_TYPES)}; longrope for "
+        f"{', '.join(f'`{name}`' for name in LONGROPE_ARCHITECTURES)}.",
     ])
 
 

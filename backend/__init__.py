@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pagoda.backend.lazy import lazy_attributes
+
+# NOTE: run from a checkout's root (`python -m pytest`, `python -m pagoda.adapters.cli`), Python
+# puts the root first on sys.path, where Pagoda's kernels/ folder (installed as pagoda.kernels)
+# shadows the PyPI package `kernels` that transformers (5.25 and later) imports, and importing
+# transformers fails. Pagoda is installed, so nothing needs the root on the path.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _CHECKOUT]
 
 if TYPE_CHECKING:
     from pagoda.backend.config import EngineConfig

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed, RequestRejected
@@ -21,6 +22,8 @@ from pagoda.backend.pooling_params import PoolingParams
 from pagoda.backend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0  # full prompt blocks looked up
     prefix_cache_hits: int = 0  # ... and found
     num_shared_blocks: int = 0  # blocks held by several sequences (forks, cache hits)
+    num_cached_blocks: int = 0  # blocks findable by the prefix cache, free or in use
     num_copy_on_write: int = 0  # shared blocks copied before a write, since start
 
 
@@ -49,6 +53,26 @@ class _Submit:
 @dataclass(slots=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(slots=True)
+class _Call:
+    """A function of the engine run on the engine thread between two steps; its result (or
+    error) goes to `done`, a future of the caller's event loop."""
+
+    function: Callable[[LLMEngine], Any]
+    done: asyncio.Future[Any]
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def resolve() -> None:
+            if self.done.done():  # the caller gave up waiting (cancelled)
+                return
+            if error is not None:
+                self.done.set_exception(error)
+            else:
+                self.done.set_result(result)
+
+        self.done.get_loop().call_soon_threadsafe(resolve)
 
 
 class _Stream:
@@ -75,7 +99,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._thread = threading.Thread(target=self._loop, name="pagoda-engine", daemon=True)
         self._stopped = False
@@ -129,6 +153,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    async def run_between_steps(self, function: Callable[[LLMEngine], T]) -> T:
+        """`function(engine)`, run on the engine thread between two steps (never during one), so
+        it may change the engine's state without racing the step; returns what it returns or
+        raises what it raises. RequestFailed when the engine is not running (never started, or
+        shut down first)."""
+        if not self.is_running:
+            raise RequestFailed("the engine is not running")
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._inbox.put(_Call(function, done))
+        return await done
+
     # -- engine thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -147,6 +182,7 @@ class AsyncEngine:
                 self._deliver(output)
             self.snapshot = self._take_snapshot()
         self._fail_all(RequestFailed("the engine shut down"))
+        self._refuse_leftovers()
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submissions and aborts; False once shutdown was asked for."""
@@ -163,10 +199,19 @@ class AsyncEngine:
             except queue.Empty:
                 return True
 
-    def _apply(self, message: _Submit | _Abort) -> None:
+    def _apply(self, message: _Submit | _Abort | _Call) -> None:
         if isinstance(message, _Abort):
             self._streams.pop(message.request_id, None)
             self.engine.abort(message.request_id)
+            self.snapshot = self._take_snapshot()
+            return
+        if isinstance(message, _Call):
+            try:
+                result = message.function(self.engine)
+            except Exception as error:  # noqa: BLE001  (the caller's error, not the engine's)
+                message.settle(error=error)
+            else:
+                message.settle(result)
             self.snapshot = self._take_snapshot()
             return
         try:
@@ -197,6 +242,18 @@ class AsyncEngine:
         self._streams.clear()
         self.snapshot = self._take_snapshot()
 
+    def _refuse_leftovers(self) -> None:
+        """Answer what was queued behind the shutdown: nobody will apply it now."""
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Submit):
+                message.stream.put(RequestFailed("the engine shut down"))
+            elif isinstance(message, _Call):
+                message.settle(error=RequestFailed("the engine shut down"))
+
     def _take_snapshot(self) -> EngineSnapshot:
         scheduler = self.engine.scheduler
         blocks = self.engine.block_manager
@@ -209,6 +266,7 @@ class AsyncEngine:
             prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits,
             num_shared_blocks=blocks.pool.num_shared_blocks,
+            num_cached_blocks=len(blocks.pool.cached),
             num_copy_on_write=blocks.num_copy_on_write,
         )
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 from pagoda.backend.pooling_params import POOLING_TYPES
+from pagoda.backend.quantization.names import QUANTIZATION_METHODS, canonical_scheme
 
 from pagoda.backend.structured.params import BACKENDS, DEFAULT_BACKEND
 
@@ -70,6 +71,12 @@ class EngineConfig:
     # How embedding requests pool the final hidden states when they do not say: "last" or "mean".
     pooling: str = "last"
     structured_outputs_backend: str = DEFAULT_BACKEND
+    # The checkpoint's quantization (checked against its quantization_config), or an online
+    # scheme for an unquantized checkpoint ("int8", "fp8"); None: as the checkpoint says.
+    quantization: str | None = None
+    # Where requests' default sampling settings come from (backend/generation_defaults.py):
+    # "auto" (the model's generation_config.json), "vllm" (none) or a folder.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -96,6 +103,16 @@ class EngineConfig:
                 f"structured_outputs_backend must be one of {sorted(BACKENDS)}, "
                 f"got {self.structured_outputs_backend!r}"
             )
+        if self.quantization is not None and \
+                canonical_scheme(self.quantization) not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                             f"got {self.quantization!r}")
+        if (self.generation_config not in ("auto", "vllm")
+                and not Path(self.generation_config).expanduser().is_dir()):
+            raise ValueError(
+                "generation_config must be 'auto', 'vllm' or a folder holding a "
+                f"generation_config.json, got {self.generation_config!r}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -109,15 +126,19 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def resolve_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-        """The compute dtype: the one asked for, else the checkpoint's (float32 on CPU, where
-        half-precision matmuls are slow, and bfloat16 for float32 checkpoints on CUDA)."""
+    def resolve_dtype(
+        self, checkpoint_dtype: torch.dtype | None, quantized: bool = False
+    ) -> torch.dtype:
+        """The compute dtype: the one asked for, else the checkpoint's (on CPU float32, where
+        half-precision matmuls are slow, but bfloat16 for quantized weights, which torch's
+        packed int8/int4 kernels multiply fast only with bfloat16 activations; bfloat16 for
+        float32 checkpoints on CUDA)."""
         import torch
 
         if self.dtype != "auto":
             return getattr(torch, DTYPES[self.dtype])
         if self.torch_device.type == "cpu":
-            return torch.float32
+            return torch.bfloat16 if quantized else torch.float32
         if checkpoint_dtype in (torch.float16, torch.bfloat16):
             return checkpoint_dtype
         return torch.bfloat16

@@ -21,7 +21,7 @@ import torch
 
 from pagoda.backend.attention import AttentionBackend, DecodeBatch
 from pagoda.backend.model_input import ModelInput
-from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
+from pagoda.backend.models import CausalLM, KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def cuda_graph_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[KVCache],
         backend: AttentionBackend,
         batch_sizes: list[int],
@@ -140,5 +140,5 @@ class DecodeGraphRunner:
             self.block_tables[rows], self.seq_lens[rows], self.slot_mapping[rows],
             self.block_size, self.max_model_len,
         )
-        metadata = self.backend.prepare_decode(batch, self.model.sliding_window)
+        metadata = self.backend.prepare_decode(batch)
         return self.model(self.input_ids[rows], self.positions[rows], self.kv_caches, metadata)

@@ -11,23 +11,27 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from pagoda.backend.attention import AttentionBackend, get_attention_backend
 from pagoda.backend.beam_search import BeamSearchState
+from pagoda.backend.chat_formats import fallback_chat_template
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.cuda_graphs import DecodeGraphRunner, cuda_graph_sizes
 from pagoda.backend.detokenizer import IncrementalDetokenizer
 from pagoda.backend.errors import InvalidParameter, PromptTooLong, RequestFailed
+from pagoda.backend.generation_defaults import load_sampling_defaults
 from pagoda.backend.host import apply_cpu_threads
-from pagoda.backend.kv.block_manager import BlockManager, KVStats
+from pagoda.backend.kv.block_manager import BlockManager, KVStats, PrefixCacheFlush
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache, bytes_per_block, choose_num_blocks
+from pagoda.backend.long_context import long_context_of
 from pagoda.backend.memory_profile import kv_cache_budget, profile_memory
 from pagoda.backend.model_input import build_model_input
 from pagoda.backend.model_output import ModelOutput
 from pagoda.backend.model_runner import ModelRunner
 from pagoda.backend.model_loading import eos_token_ids, load_model, resolve_engine_model
-from pagoda.backend.models.llama import KVCache
-from pagoda.backend.models.loader import check_unquantized, checkpoint_dtype
+from pagoda.backend.models import KVCache
+from pagoda.backend.models.loader import checkpoint_dtype
 from pagoda.backend.output_processor import OutputProcessor
 from pagoda.backend.outputs import RequestMetrics, RequestOutput
 from pagoda.backend.prompt import encode_prompt
+from pagoda.backend.quantization.detect import resolve_quantization
 from pagoda.backend.pooling import PoolingState
 from pagoda.backend.pooling_params import PoolingParams, PoolingType
 from pagoda.backend.sampler import Sampler
@@ -52,16 +56,17 @@ class LLMEngine:
         self.device = config.torch_device
         apply_cpu_threads(config.cpu_threads)
         model_path = resolve_engine_model(config)
+        self.model_path = model_path  # the local folder the weights were loaded from
         hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
-        check_unquantized(hf_config)
+        quantization = resolve_quantization(hf_config, config.quantization)
         self.hf_config = hf_config
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             config.tokenizer or model_path, trust_remote_code=config.trust_remote_code
         )
-        self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config))
+        self.dtype = config.resolve_dtype(checkpoint_dtype(hf_config), quantization is not None)
         attention = get_attention_backend(self.device)
         self.model = load_model(model_path, hf_config, attention, self.dtype, self.device,
-                                config.allow_pickle_weights)
+                                config.allow_pickle_weights, quantization)
 
         num_layers, num_kv_heads, head_dim = self.model.kv_shape
         block_bytes = bytes_per_block(
@@ -78,15 +83,23 @@ class LLMEngine:
             num_layers, num_blocks, config.block_size, num_kv_heads, head_dim, self.dtype,
             self.device,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.long_context = long_context_of(self.model, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching, self.long_context)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
+        self.sampling_defaults = load_sampling_defaults(config.generation_config, model_path)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-            self.max_model_len, self.eos_token_ids,
+            self.max_model_len, self.eos_token_ids, long_context=self.long_context,
         )
         self.runner = ModelRunner(
             self.model, kv_caches, attention, Sampler(self.eos_token_ids, seed=config.seed),
             self.device, self._graph_runner(kv_caches, attention),
+        )
+        # For a tokenizer without a chat template: its family's, when known.
+        self.fallback_chat_template = None if self.tokenizer.chat_template else (
+            fallback_chat_template(getattr(hf_config, "architectures", None) or [],
+                                   [config.model or "", self.tokenizer.name_or_path])
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputs(
@@ -201,11 +214,14 @@ class LLMEngine:
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """A conversation as prompt text, through the model's (or the given) chat template;
-        `tools` (OpenAI tool definitions) are the template's `tools` variable."""
+        `tools` (OpenAI tool definitions) are the template's `tools` variable. A tokenizer
+        without a template falls back on its family's format (backend/chat_formats.py)."""
         if chat_template is None and not self.tokenizer.chat_template:
-            raise InvalidParameter(
-                "chat_template", "this model has no chat template; pass chat_template"
-            )
+            chat_template = self.fallback_chat_template
+            if chat_template is None:
+                raise InvalidParameter(
+                    "chat_template", "this model has no chat template; pass chat_template"
+                )
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=chat_template,
@@ -307,7 +323,8 @@ class LLMEngine:
         if self.fault_injector is not None:
             for item in scheduler_output.scheduled:
                 self.fault_injector(item.group)
-        model_input = build_model_input(scheduler_output, self.block_manager, self.device)
+        model_input = build_model_input(scheduler_output, self.block_manager, self.device,
+                                        self.long_context)
         return self.runner.execute(model_input)
 
     def _outputs(self, groups: list[SequenceGroup]) -> list[RequestOutput]:
@@ -356,6 +373,14 @@ class LLMEngine:
         group.fail(RequestFailed(
             f"the model failed on this request: {type(error).__name__}: {error}"
         ))
+
+    def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Forget every cached prompt block no request holds; requests in flight keep theirs.
+        Call it between steps (AsyncEngine.run_between_steps does)."""
+        flushed = self.block_manager.flush_prefix_cache()
+        logger.info("prefix cache flushed: %d blocks dropped, %d kept (in use)",
+                    flushed.num_dropped_blocks, flushed.num_kept_blocks)
+        return flushed
 
     def kv_stats(self) -> KVStats:
         return self.block_manager.stats(self.scheduler.live_sequences())

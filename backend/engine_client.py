@@ -25,12 +25,17 @@ from pagoda.backend.async_engine import AsyncEngine, EngineSnapshot
 from pagoda.backend.config import EngineConfig
 from pagoda.backend.engine import LLMEngine, Prompt
 from pagoda.backend.errors import RequestFailed
+from pagoda.backend.generation_defaults import SamplingDefaults
+from pagoda.backend.kv.block_manager import PrefixCacheFlush
 from pagoda.backend.outputs import RequestOutput
 from pagoda.backend.pooling_params import PoolingParams
 from pagoda.backend.prompt import encode_prompt
 from pagoda.backend.sampling_params import SamplingParams
 
-__all__ = ["EngineClient", "EngineSnapshot", "ModelInfo", "PoolingParams", "Prompt"]
+__all__ = [
+    "EngineClient", "EngineSetup", "EngineSnapshot", "ModelInfo", "PoolingParams",
+    "PrefixCacheFlush", "Prompt",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +46,33 @@ class ModelInfo:
     max_model_len: int  # the longest sequence (prompt and generated tokens) a request may have
     vocab_size: int  # the model's: token ids from 0 to vocab_size - 1 are valid in a prompt
     eos_token_ids: frozenset[int]
+    # generation_config.json's sampling settings, for requests that leave them unset.
+    sampling_defaults: SamplingDefaults
     # For the text of single tokens (logprobs) and of echoed prompt token ids; encode through
     # EngineClient.encode, which follows the engine's BOS rule.
     tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSetup:
+    """How the engine is set up and sized, for servers that describe themselves to routers and
+    operators (/server_info, /model_info)."""
+
+    model_path: str  # the local folder the weights were loaded from
+    tokenizer_path: str  # as configured, or the model's folder
+    model_type: str  # the checkpoint's config.json model_type ("llama", "qwen2", ...)
+    architectures: tuple[str, ...]  # ... and its architectures
+    dtype: str  # the compute dtype, resolved ("float32", "bfloat16", ...)
+    device: str
+    block_size: int  # tokens per KV block
+    num_kv_blocks: int  # blocks in the KV pool
+    max_num_seqs: int  # sequences one step runs at most
+    max_num_batched_tokens: int  # tokens one step feeds at most
+    enable_prefix_caching: bool
+    # One engine, one device: tensor parallelism would raise the first, and several replicas
+    # behind a router are data parallelism the router sees, not this engine.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
 
 class EngineClient:
@@ -57,7 +86,22 @@ class EngineClient:
             max_model_len=core.max_model_len,
             vocab_size=core.hf_config.vocab_size,
             eos_token_ids=frozenset(core.eos_token_ids),
+            sampling_defaults=core.sampling_defaults,
             tokenizer=core.tokenizer,
+        )
+        config = core.config
+        self.setup = EngineSetup(
+            model_path=str(core.model_path),
+            tokenizer_path=config.tokenizer or str(core.model_path),
+            model_type=core.hf_config.model_type,
+            architectures=tuple(core.hf_config.architectures or ()),
+            dtype=str(core.dtype).removeprefix("torch."),
+            device=str(core.device),
+            block_size=config.block_size,
+            num_kv_blocks=core.block_manager.pool.num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
 
     @classmethod
@@ -138,6 +182,12 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
+
+    async def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Empty the prefix cache of the blocks no request holds, on the engine thread between
+        two steps; requests in flight keep their blocks and go on. RequestFailed when the engine
+        is not running."""
+        return await self._engine.run_between_steps(LLMEngine.flush_prefix_cache)
 
     # -- text -------------------------------------------------------------------------------
 

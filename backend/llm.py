@@ -24,8 +24,8 @@ class LLM:
     """Runs batches of prompts to completion through one engine.
 
     Engine arguments are keywords with vLLM's names (dtype, device, block_size, num_kv_blocks,
-    max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, seed, ...);
-    with no model, the built-in demo model is used.
+    max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, seed,
+    quantization, ...); with no model, the built-in demo model is used.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
@@ -41,9 +41,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (a string or a list of token ids); outputs in prompt order."""
+        """Generate for every prompt (a string or a list of token ids); outputs in prompt order.
+        Without sampling_params, the model's generation_config.json defaults apply (as vLLM's
+        `LLM.get_default_sampling_params`)."""
         prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
+        params_list = self._params_list(sampling_params, len(prompt_list))
         return self._run(prompt_list, params_list, use_tqdm)
 
     def chat(
@@ -65,8 +67,24 @@ class LLM:
             )
             for conversation in conversations
         ]
-        params_list = _as_params_list(sampling_params, len(prompts))
+        params_list = self._params_list(sampling_params, len(prompts))
         return self._run(prompts, params_list, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The parameters of a request that gives none: the model's generation_config.json
+        sampling settings (with --generation-config auto), SamplingParams' own otherwise."""
+        defaults = self.engine.sampling_defaults
+        values = defaults.sampling_values()
+        if defaults.max_tokens is not None:
+            values["max_tokens"] = defaults.max_tokens
+        return SamplingParams(**values)
+
+    def _params_list(
+        self, params: SamplingParams | Sequence[SamplingParams] | None, count: int
+    ) -> list[SamplingParams]:
+        if params is None:
+            return [self.get_default_sampling_params()] * count
+        return _as_params_list(params, count)
 
     def embed(
         self,
@@ -119,10 +137,8 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def _as_params_list(
-    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+    params: SamplingParams | Sequence[SamplingParams], count: int
 ) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * count
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)

@@ -19,7 +19,7 @@ import torch
 from pagoda.backend.attention import BatchLayout
 from pagoda.backend.kv.cache_tensors import allocate_kv_cache
 from pagoda.backend.model_output import ModelOutput
-from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models import CausalLM
 from pagoda.backend.sampler import Sampler, SamplingRow
 from pagoda.backend.sampling_params import SamplingParams
 
@@ -70,7 +70,7 @@ def kv_cache_budget(
 
 
 def profile_memory(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     device: torch.device,
     max_num_batched_tokens: int,
     max_num_seqs: int,
@@ -107,7 +107,7 @@ def profile_memory(
 
 @torch.inference_mode()
 def run_profile_step(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     device: torch.device,
     max_num_batched_tokens: int,
     max_num_seqs: int,
@@ -135,7 +135,7 @@ def run_profile_step(
     )
     positions = torch.cat([torch.arange(length, device=device) for length in lengths])
     input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=device)
-    metadata = model.attention_backend.prepare(layout, device, model.sliding_window)
+    metadata = model.attention_backend.prepare(layout, device)
     hidden = model(input_ids, positions, kv_caches, metadata)
     last_tokens = torch.tensor(starts[1:], device=device) - 1
     logits = model.compute_logits(hidden[last_tokens])

@@ -17,6 +17,7 @@ import torch
 from pagoda.backend.attention import BatchLayout
 from pagoda.backend.device_transfer import to_device
 from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.long_context import LongContext
 from pagoda.backend.pooling import PoolingRows
 from pagoda.backend.prompt_logprobs import PromptLogprobRows, prompt_logprob_rows
 from pagoda.backend.sampler import SamplingRow
@@ -39,6 +40,9 @@ class ModelInput:
     prompt_logprob_rows: list[PromptLogprobRows] = field(default_factory=list)
     # Per pooling (embedding) sequence: the rows whose final hidden states it pools.
     pooling_rows: list[PoolingRows] = field(default_factory=list)
+    # [num_tokens] bool, for a model with a long-context threshold only: whether each token's
+    # sequence is longer than it (see long_context.py).
+    long_context: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -46,7 +50,10 @@ class ModelInput:
 
 
 def build_model_input(
-    scheduler_output: SchedulerOutput, blocks: BlockManager, device: torch.device
+    scheduler_output: SchedulerOutput,
+    blocks: BlockManager,
+    device: torch.device,
+    long_context: LongContext | None = None,
 ) -> ModelInput:
     block_size = blocks.block_size
     input_ids: list[int] = []
@@ -60,11 +67,14 @@ def build_model_input(
     prompt_rows: list[PromptLogprobRows] = []
     pooling_rows: list[PoolingRows] = []
     grammars: list[tuple[SamplingRow, GrammarMatcher]] = []
+    long_flags: list[bool] = []
     for item in scheduler_output.scheduled:
         seq, group = item.seq, item.group
         start = seq.num_computed_tokens
         end = start + item.num_new_tokens
         table = blocks.block_ids(seq.seq_id)
+        if long_context is not None:
+            long_flags.extend([long_context.is_long(len(seq.token_ids))] * item.num_new_tokens)
         input_ids.extend(seq.token_ids[start:end])
         positions.extend(range(start, end))
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
@@ -115,4 +125,5 @@ def build_model_input(
         block_copies=scheduler_output.block_copies,
         prompt_logprob_rows=prompt_rows,
         pooling_rows=pooling_rows,
+        long_context=None if long_context is None else to_device(long_flags, torch.bool, device),
     )

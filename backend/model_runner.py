@@ -9,7 +9,7 @@ from pagoda.backend.attention import AttentionBackend
 from pagoda.backend.cuda_graphs import DecodeGraphRunner
 from pagoda.backend.model_input import ModelInput
 from pagoda.backend.model_output import ModelOutput
-from pagoda.backend.models.llama import KVCache, LlamaForCausalLM
+from pagoda.backend.models import CausalLM, KVCache
 from pagoda.backend.pooling import pool_hidden
 from pagoda.backend.prompt_logprobs import compute_prompt_logprobs
 from pagoda.backend.sampler import Sampler
@@ -18,7 +18,7 @@ from pagoda.backend.sampler import Sampler
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[KVCache],
         backend: AttentionBackend,
         sampler: Sampler,
@@ -44,11 +44,13 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.supports(model_input):
             hidden = self.graph_runner.hidden_states(model_input)
         else:
-            metadata = self.backend.prepare(
-                model_input.layout, self.device, self.model.sliding_window
-            )
+            metadata = self.backend.prepare(model_input.layout, self.device)
+            # Only a model with a long-context threshold takes (and gets) the per-token flags;
+            # decode-only steps above need none (their positions tell).
+            extra = ({} if model_input.long_context is None
+                     else {"long_context": model_input.long_context})
             hidden = self.model(
-                model_input.input_ids, model_input.positions, self.kv_caches, metadata
+                model_input.input_ids, model_input.positions, self.kv_caches, metadata, **extra
             )
         output = ModelOutput()
         if model_input.sampling_rows:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.backend.model_output import PromptLogprobs
-from pagoda.backend.models.llama import LlamaForCausalLM
+from pagoda.backend.models import CausalLM
 from pagoda.backend.sequence import Sequence, SequenceGroup
 from pagoda.backend.token_logprobs import score_tokens
 
@@ -57,7 +57,7 @@ def prompt_logprob_rows(
 
 
 def compute_prompt_logprobs(
-    model: LlamaForCausalLM, hidden: torch.Tensor, rows: list[PromptLogprobRows]
+    model: CausalLM, hidden: torch.Tensor, rows: list[PromptLogprobRows]
 ) -> dict[int, PromptLogprobs]:
     """Score each sequence's rows of `hidden` [num_tokens, hidden_size] (the raw logits' float32
     log_softmax, as sampled tokens are scored)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pagoda.backend.beam_search import advance_beams
 from pagoda.backend.errors import EngineError
 from pagoda.backend.kv.block_manager import BlockManager
+from pagoda.backend.long_context import LongContext
 from pagoda.backend.model_output import BeamCandidates, ModelOutput
 from pagoda.backend.prompt_logprobs import record_prompt_logprobs
 from pagoda.backend.request_sizing import RequestSizer
@@ -85,8 +86,10 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
         growth_ratio_after_preemption: float = GROWTH_RATIO_AFTER_PREEMPTION,
+        long_context: LongContext | None = None,
     ) -> None:
         self.blocks = block_manager
+        self.long_context = long_context
         self.sizer = RequestSizer(block_manager, max_num_seqs, max_num_batched_tokens,
                                   max_model_len)
         self.stop_checker = StopChecker(eos_token_ids, max_model_len)
@@ -142,10 +145,15 @@ class Scheduler:
         once it finishes: its beams can still change course)."""
         touched: dict[str, SequenceGroup] = {g.request_id: g for g in scheduler_output.failed}
         beams: dict[str, tuple[SequenceGroup, list[tuple[Sequence, BeamCandidates]]]] = {}
+        # Groups that drew tokens from K/V computed short: they may have grown long now.
+        drew_while_short: dict[str, SequenceGroup] = {}
         for item in scheduler_output.scheduled:
             seq, group = item.seq, item.group
             seq.num_computed_tokens += item.num_new_tokens
             self.blocks.cache_computed_blocks(seq)
+            if (self.long_context is not None and item.samples_next_token
+                    and not self.long_context.is_long(seq.num_computed_tokens)):
+                drew_while_short[group.request_id] = group
             if self._record_prefill_outputs(item, model_output):
                 touched[group.request_id] = group
             candidates = model_output.beam_candidates.get(seq.seq_id)
@@ -161,7 +169,25 @@ class Scheduler:
         for group in touched.values():
             if group.is_finished:
                 self.finish(group)
+        self._recompute_grown_long(drew_while_short.values())
         return list(touched.values())
+
+    def _recompute_grown_long(self, groups: Iterable[SequenceGroup]) -> None:
+        """Send back to the queue the groups whose sequences just grew past the long-context
+        threshold: their K/V was computed short and is recomputed long, as transformers does."""
+        long_context = self.long_context
+        if long_context is None:
+            return
+        grown = [
+            group for group in groups
+            if not group.is_finished
+            and any(long_context.is_long(len(seq.token_ids)) for seq in group.live_seqs)
+        ]
+        for group in grown:
+            logger.info("request %s grew past %d tokens; recomputing it with long-context "
+                        "rotary frequencies", group.request_id, long_context.threshold)
+        if grown:
+            self.requeue(grown)
 
     def _record_prefill_outputs(self, item: ScheduledSequence, model_output: ModelOutput) -> bool:
         """Keep the step's prompt logprobs and pooled states of the sequence. True when its

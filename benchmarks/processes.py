@@ -143,6 +143,24 @@ def start_pagoda_serve(workdir: Path, model_dir: Path, *flags: str) -> tuple[Man
     return process, url
 
 
+def start_replicas(workdir: Path, model_dir: Path, count: int,
+                   *flags: str) -> list[tuple[ManagedProcess, str]]:
+    """`count` `pagoda serve` replicas with the same flags, started together (their model loads
+    overlap) and each waited for."""
+    ports = [free_port() for _ in range(count)]
+    replicas = [(ManagedProcess(f"pagoda-serve-{port}", pagoda_argv("serve", model_dir, port,
+                                                                    *flags), workdir),
+                 f"http://127.0.0.1:{port}") for port in ports]
+    try:
+        for process, url in replicas:
+            process.wait_until(f"{url}/health", timeout=300)
+    except BaseException:
+        for process, _ in replicas:
+            process.stop()
+        raise
+    return replicas
+
+
 def start_controller(python: str, workdir: Path) -> tuple[ManagedProcess, str]:
     port = free_port()
     process = ManagedProcess(f"controller-{port}", [
@@ -184,3 +202,56 @@ def start_worker(kind: str, python: str, workdir: Path, model_dir: Path, model_n
         process.stop()
         raise
     return process
+
+
+# The routers' Python modules (pip install sglang-router / vllm-router: the `router` extra).
+ROUTER_MODULES = {"sglang": "sglang_router.launch_router", "vllm": "vllm_router.launch_router"}
+# Their names for the log level that leaves out per-request lines.
+ROUTER_QUIET_LEVELS = {"sglang": "warn", "vllm": "warning"}
+
+
+def router_installed(kind: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(ROUTER_MODULES[kind].split(".")[0]) is not None
+
+
+def start_router(kind: str, workdir: Path, worker_urls: list[str], policy: str,
+                 quiet: bool = False) -> tuple[ManagedProcess, str]:
+    """sglang-router or vllm-router (`kind`) in front of `worker_urls`, its HTTP and Prometheus
+    ports on 127.0.0.1 (sglang-router binds 0.0.0.0 unless told); waits until every worker is
+    registered and healthy. `quiet` logs warnings only."""
+    port, prometheus_port = free_port(), free_port()
+    argv = [sys.executable, "-m", ROUTER_MODULES[kind], "--host", "127.0.0.1", "--port",
+            str(port), "--prometheus-host", "127.0.0.1", "--prometheus-port",
+            str(prometheus_port), "--policy", policy, "--worker-urls", *worker_urls,
+            # Workers are up already: check at once, not every 30 s (the default).
+            "--worker-startup-check-interval", "1"]
+    if quiet:
+        argv += ["--log-level", ROUTER_QUIET_LEVELS[kind]]
+    process = ManagedProcess(f"{kind}-router-{port}", argv, workdir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_workers(process, url, len(worker_urls), timeout=120)
+    except BaseException:
+        process.stop()
+        raise
+    return process, url
+
+
+def wait_for_workers(process: ManagedProcess, url: str, num_workers: int,
+                     timeout: float) -> None:
+    """Until the router's GET /workers lists `num_workers` healthy workers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.process.poll() is not None:
+            raise RuntimeError(f"{process.name} exited with {process.process.returncode}:\n"
+                               f"{process.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            workers = httpx.get(f"{url}/workers", timeout=5.0).json().get("workers", [])
+            if sum(1 for worker in workers if worker.get("is_healthy")) == num_workers:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{process.name}: {num_workers} workers not healthy within "
+                               f"{timeout} s\n{process.log_tail()}")
+        time.sleep(0.2)

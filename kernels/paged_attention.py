@@ -2,7 +2,8 @@
 
 The cache holds every token of a sequence (the new ones are stored before attending); token p of
 a sequence lives in block `block_table[p // block_size]` at offset `p % block_size`. A query at
-position p sees positions max(0, p - sliding_window + 1)..p.
+position p sees positions max(0, p - sliding_window + 1)..p. With `soft_cap` (Gemma 2's attention
+logit soft-capping) a scaled score s becomes soft_cap * tanh(s / soft_cap) before the softmax.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def paged_decode_attention_reference(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """One new token per sequence. query [num_seqs, num_heads, head_dim]: row i is the token at
     position seq_lens[i] - 1 of sequence i, whose blocks are block_tables[i]. Returns
@@ -26,7 +28,7 @@ def paged_decode_attention_reference(
     for i, seq_len in enumerate(seq_lens.tolist()):
         output[i : i + 1] = _attend(
             query[i : i + 1], key_cache, value_cache, block_tables[i], seq_len - 1, scale,
-            sliding_window,
+            sliding_window, soft_cap,
         )
     return output
 
@@ -40,6 +42,7 @@ def paged_prefill_attention_reference(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Prefill and chunked prefill. query [num_tokens, num_heads, head_dim]: the new tokens of
     all sequences back to back, sequence i owning rows query_start_loc[i]:query_start_loc[i+1],
@@ -51,7 +54,7 @@ def paged_prefill_attention_reference(
         rows = slice(starts[i], starts[i + 1])
         output[rows] = _attend(
             query[rows], key_cache, value_cache, block_tables[i], context_len, scale,
-            sliding_window,
+            sliding_window, soft_cap,
         )
     return output
 
@@ -64,6 +67,7 @@ def _attend(
     context_len: int,
     scale: float,
     sliding_window: int | None,
+    soft_cap: float | None,
 ) -> torch.Tensor:
     """query [query_len, num_heads, head_dim] at positions context_len onwards, in one sequence."""
     query_len, num_heads, _ = query.shape
@@ -77,6 +81,8 @@ def _attend(
     keys = keys.repeat_interleave(group_size, dim=1)  # query head h reads KV head h // group_size
     values = values.repeat_interleave(group_size, dim=1)
     scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
     query_pos = positions[context_len:, None]
     visible = positions[None, :] <= query_pos
     if sliding_window is not None:

@@ -5,8 +5,8 @@ TRITON_INTERPRET); instead of launching, every launch goes through Triton's own 
 and specialization for a target GPU and is compiled down to a cubin with the ptxas bundled in the
 triton wheel. This checks what the interpreter cannot: that the kernels are valid compiled Triton
 (types of loop-carried values, constexpr use, tl.dot shapes and operand types) for the float16,
-bfloat16 and float32 variants of two head layouts, on Ampere (sm_80) and Hopper (sm_90). It does
-not run them.
+bfloat16 and float32 variants of two head layouts (bfloat16 also with attention soft-capping)
+and of the fused-MoE kernels, on Ampere (sm_80) and Hopper (sm_90). It does not run them.
 
     python tests/compile_kernels_for_cuda.py   (test_kernels.py runs it)
 
@@ -89,16 +89,36 @@ def run_every_wrapper(dtype: torch.dtype, heads: tuple[int, int, int]) -> None:
     query = torch.zeros(40, num_heads, head_dim, dtype=dtype)
     tables = torch.zeros(4, 32, dtype=torch.int32)
     lens = torch.full((4,), 10, dtype=torch.int32)
-    for max_seq_len, window in ((100, None), (4096, None), (4096, 1024)):  # split-K: 8 partitions
+    # Gemma 2's attention logit soft-capping in the dtype it is served in only: the capped
+    # scores are float32 whatever the cache holds, and every variant costs seconds to compile.
+    soft_caps = (None, 50.0) if dtype == torch.bfloat16 else (None,)
+    # split-K from 4096 on: 8 partitions.
+    decodes = [(100, None, None), (4096, None, None)]
+    decodes += [(4096, 1024, soft_cap) for soft_cap in soft_caps]
+    for max_seq_len, window, soft_cap in decodes:
         paged_decode_attention_triton(
-            query[:4], cache, cache, tables, lens, 0.1, max_seq_len, window
+            query[:4], cache, cache, tables, lens, 0.1, max_seq_len, window, soft_cap=soft_cap
         )
     starts = torch.tensor([0, 10, 20, 30, 40], dtype=torch.int32)
     tiles = PrefillTiles.build([0, 1], [10] * 4, tokens_per_tile(num_heads, num_kv_heads), "cpu")
-    for window in (None, 1024):
+    for window, soft_cap in [(None, None), *((1024, soft_cap) for soft_cap in soft_caps)]:
         paged_prefill_attention_triton(
-            query, cache, cache, tables, starts, lens, 0.1, tiles, window
+            query, cache, cache, tables, starts, lens, 0.1, tiles, window, soft_cap=soft_cap
         )
+
+
+def run_moe_wrapper(dtype: torch.dtype) -> None:
+    """The fused-MoE kernels at both block sizes: a decode-sized step (few tokens over many
+    experts) and a prefill-sized one, with sizes that are not powers of two."""
+    from pagoda.kernels.triton import fused_moe_triton
+
+    num_experts, top_k, hidden_size, intermediate_size = 64, 6, 2048 + 64, 768 + 16
+    gate_up = torch.zeros(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype)
+    down = torch.zeros(num_experts, hidden_size, intermediate_size, dtype=dtype)
+    for num_tokens in (4, 300):
+        hidden = torch.zeros(num_tokens, hidden_size, dtype=dtype)
+        topk_weights, topk_ids = torch.rand(num_tokens, num_experts).topk(top_k)
+        fused_moe_triton(hidden, gate_up, down, topk_weights, topk_ids)
 
 
 def run_backend_steps(max_seq_lens: list[int]) -> None:
@@ -125,7 +145,7 @@ def run_backend_steps(max_seq_lens: list[int]) -> None:
         )
         query = torch.zeros(starts[-1], num_heads, head_dim, dtype=torch.bfloat16)
         key = torch.zeros(starts[-1], num_kv_heads, head_dim, dtype=torch.bfloat16)
-        metadata = backend.prepare(layout, torch.device("cpu"), None)
+        metadata = backend.prepare(layout, torch.device("cpu"))
         backend.forward(query, key, key, cache, cache, metadata, 0.1)
 
 
@@ -143,6 +163,7 @@ def main() -> None:
     for dtype in DTYPES:
         for heads in HEAD_SHAPES:
             run_every_wrapper(dtype, heads)
+        run_moe_wrapper(dtype)
     print(f"compiled {len(compiled)} kernel variants in {time.monotonic() - started:.1f} s")
     for name in sorted(compiled):
         print(" ", name)

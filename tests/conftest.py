@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Imported before transformers: it takes the checkout's root off sys.path, where `python -m
+# pytest` put it and where Pagoda's kernels/ folder would shadow the PyPI package `kernels`.
+import pagoda.backend  # noqa: F401
+
 # Triton decides once per process, when it is first imported, whether kernels are compiled or run
 # by its interpreter. Without CUDA they can only be interpreted, so the suite turns the interpreter
 # on before anything imports triton (transformers does, hence above the imports below). Only

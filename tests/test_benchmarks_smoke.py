@@ -50,3 +50,22 @@ def test_structured_quick_run_writes_its_fields(demo_model_dir: Path, tmp_path: 
     assert result["best_ratio"] > 0 and result["median_cpu_ratio"] > 0
     (only,) = result["rounds"]
     assert only["unconstrained"]["tokens"] == only["json_schema"]["tokens"] == 16
+
+
+def test_quantization_quick_run_writes_its_fields(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS_DIR))
+    try:
+        import quantization
+    finally:
+        sys.path.remove(str(BENCHMARKS_DIR))
+    output = tmp_path / "quantization.json"
+    quantization.main(["--quick", "--output", str(output)])
+
+    result = json.loads(output.read_text())
+    assert {"cpu", "cores", "gpu", "torch", "transformers"} <= set(result["machine"])
+    rows = result["results"]
+    assert list(rows) == ["fp32", "bf16", "W8", "W4"]
+    assert all(row["decode_tokens_per_s"] > 0 for row in rows.values())
+    linears = [rows[name]["linear_weight_bytes"] for name in rows]
+    assert linears == sorted(linears, reverse=True) and linears[-1] < linears[0] / 6
+    assert set(rows["W4"]["goals"]) >= {"speedup_met", "memory_met_total", "memory_met_linears"}

@@ -67,9 +67,12 @@ def strings_in(node: Any) -> list[str]:
     return [node] if isinstance(node, str) else []
 
 
+ROUTER_PROFILE = {"pagoda-replica-1", "pagoda-replica-2", "router"}
+
+
 def test_expected_services(services):
     assert set(services) == {"pagoda", "open-webui", "fastchat-controller", "pagoda-worker",
-                             "fastchat-arena"}
+                             "fastchat-arena", *ROUTER_PROFILE}
     assert services["open-webui"]["image"] == "ghcr.io/open-webui/open-webui:v0.12.4"
 
 
@@ -90,6 +93,11 @@ def test_builds_and_dockerfiles_exist_and_pin_versions():
             dockerfile = context / build["dockerfile"]
             assert dockerfile.is_file(), f"{name}: {dockerfile}"
             text = dockerfile.read_text()
+            if dockerfile.name == "Dockerfile.router":  # a Rust binary, no torch
+                assert re.search(r"^FROM \S+:\S*\d", text, re.MULTILINE), dockerfile
+                assert re.search(r"^RUN pip install sglang-router==\S+$", text, re.MULTILINE)
+                assert not re.search(r"^RUN .*\btorch\b", text, re.MULTILINE), dockerfile
+                continue
             args = dict(DOCKERFILE_ARG.findall(text))
             # Every stage starts from the one BASE_IMAGE argument, pinned by default.
             assert re.fullmatch(r"\S+:\S*\d\S*", args["BASE_IMAGE"]), dockerfile
@@ -109,14 +117,17 @@ def test_airgap_override_builds_every_image_from_the_local_base():
     from airgap_images import BASE_IMAGE, WHEELHOUSES
 
     airgap = builds(AIRGAP_OVERRIDE)
-    assert set(airgap) == set(load(COMPOSE)["services"])
+    # The router profile is not built air-gapped yet (Dockerfile.router installs from PyPI).
+    assert set(airgap) == set(load(COMPOSE)["services"]) - ROUTER_PROFILE
     assert {build["args"]["BASE_IMAGE"] for build in airgap.values()} == {BASE_IMAGE}
     assert load(AIRGAP_OVERRIDE)["services"]["open-webui"]["image"] != (
         load(COMPOSE)["services"]["open-webui"]["image"])  # a local build under its own name
     # Every Dockerfile's default wheelhouse is one the script fills.
     filled = {f"integration/wheelhouse/{wheelhouse.name}" for wheelhouse in WHEELHOUSES}
     for path in (COMPOSE, GPU_OVERRIDE, AIRGAP_OVERRIDE):
-        for build in builds(path).values():
+        for name, build in builds(path).items():
+            if name == "router":
+                continue
             folder = ROOT / build["context"]
             text = (folder / build["dockerfile"]).read_text()
             wheelhouse = folder / dict(DOCKERFILE_ARG.findall(text))["WHEELHOUSE"]
@@ -130,7 +141,7 @@ def test_ports_and_healthchecks_match_what_each_service_listens_on(services):
             address, host, container = mapping.split(":")
             assert address == "127.0.0.1", f"{name} is published beyond this host by default"
             assert int(container) == listening_port(service), name
-            host_ports.append(host)
+            host_ports.append(host.rsplit(":", 1)[-1])
         if "healthcheck" in service:
             urls = SERVICE_URL.findall(" ".join(service["healthcheck"]["test"]))
             assert urls == [("127.0.0.1", str(listening_port(service)))], name
@@ -196,6 +207,32 @@ def test_fastchat_commands_use_flags_fastchat_has(services):
         source = (fastchat_serve / f"{flag(args, '-m').split('.')[-1]}.py").read_text()
         for option in (arg for arg in args if arg.startswith("--")):
             assert f'"{option}"' in source, f"{name}: {option}"
+
+
+def test_router_profile_fronts_two_replicas_on_localhost_only(services):
+    for name in ROUTER_PROFILE:
+        assert services[name]["profiles"] == ["router"], name
+    for name in set(services) - ROUTER_PROFILE:
+        assert "profiles" not in services[name], name  # a plain `up` starts what it did
+    router = services["router"]
+    assert router["ports"] == ["127.0.0.1:30000:30000"]
+    args = argv(router)
+    # The Prometheus exporter binds 0.0.0.0 unless told otherwise; it is not published.
+    assert flag(args, "--prometheus-host") == "127.0.0.1"
+    assert flag(args, "--policy") == "cache_aware"
+    urls = args[args.index("--worker-urls") + 1:args.index("--policy")]
+    assert urls == ["http://pagoda-replica-1:8000", "http://pagoda-replica-2:8000"]
+    for name in ("pagoda-replica-1", "pagoda-replica-2"):
+        replica = services[name]
+        assert "ports" not in replica  # reached through the router only
+        serve = build_parser().parse_args(argv(replica)[1:])
+        assert (serve.command, serve.host, serve.port) == ("serve", "0.0.0.0", 8000)
+        assert replica["environment"] == services["pagoda"]["environment"]
+    # The command line parses with the router's own parser, when it is installed here.
+    launch_router = pytest.importorskip("sglang_router.launch_router")
+    parsed = launch_router.parse_router_args(args[args.index("sglang_router.launch_router") + 1:])
+    assert (parsed.host, parsed.port, parsed.prometheus_host) == ("0.0.0.0", 30000, "127.0.0.1")
+    assert parsed.worker_urls == urls
 
 
 def test_gpu_override_reserves_gpus_for_the_pagoda_services(services):

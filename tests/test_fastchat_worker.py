@@ -263,3 +263,35 @@ def test_disconnect_during_worker_generate_aborts(worker):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{worker}/worker_generate", content=body, timeout=1.5)
     assert_idle(worker)
+
+
+def metric(url: str, name: str) -> float:
+    """A sample's value from the worker's Prometheus text (`name` with its labels, if any)."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    for line in response.text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_health_and_metrics_for_load_balancers_and_scrapers(worker):
+    assert httpx.get(f"{worker}/health", timeout=10).status_code == 200
+    success = 'pagoda_requests_total{outcome="success"}'
+    rejected = 'pagoda_requests_total{outcome="rejected"}'
+    before = {name: metric(worker, name) for name in
+              (success, rejected, "pagoda_generation_tokens_total",
+               "pagoda_time_to_first_token_seconds_count")}
+    answer = generate(worker, prompt="Hello", max_new_tokens=5, **GREEDY)
+    assert answer["error_code"] == 0
+    assert generate(worker, model="someone-else", prompt="Hi")["error_code"] == 40301
+    assert metric(worker, success) == before[success] + 1
+    assert metric(worker, rejected) == before[rejected] + 1
+    assert metric(worker, "pagoda_generation_tokens_total") == (
+        before["pagoda_generation_tokens_total"] + answer["usage"]["completion_tokens"])
+    assert metric(worker, "pagoda_time_to_first_token_seconds_count") == (
+        before["pagoda_time_to_first_token_seconds_count"] + 1)
+    # The engine's own gauges, read when scraped.
+    assert metric(worker, "pagoda_kv_blocks_total") == 256
+    assert metric(worker, "pagoda_num_requests_running") == 0

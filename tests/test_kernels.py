@@ -4,8 +4,9 @@ suite; conftest.py turns it on), and compiled on CUDA (gpu marker).
 Shapes are small (the interpreter runs each program in numpy) but cover GQA and MHA, head_dim
 64, 80 (not a power of two: masked) and 128, mixed context lengths (1, exact multiples of the
 block size, several split-K partitions), chunked prefill over a cached context, sliding windows,
-padded slot -1 rows and block tables whose block ids are scattered over the cache. bfloat16 is
-tested too: the kernels convert every load to float32, which the interpreter computes right.
+attention logit soft-capping (Gemma 2), padded slot -1 rows and block tables whose block ids are
+scattered over the cache. bfloat16 is tested too: the kernels convert every load to float32,
+which the interpreter computes right.
 The large cases (32k contexts, batch 256) are in test_kernels_gpu.py.
 """
 
@@ -48,6 +49,9 @@ TOLERANCES = {
     torch.float16: {"atol": 4e-3, "rtol": 1e-2},
     torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2},
 }
+# Small enough that capping changes most scores of unit-variance queries and keys (see
+# test_soft_cap_changes_the_reference).
+SOFT_CAP = 1.5
 COMPILE_SCRIPT = Path(__file__).with_name("compile_kernels_for_cuda.py")
 
 
@@ -111,11 +115,11 @@ def test_copy_blocks(device, dtype):
 @pytest.mark.parametrize("dtype", [*DTYPES, BF16])
 @pytest.mark.parametrize("heads", HEAD_SHAPES)
 @pytest.mark.parametrize(
-    ("partition_size", "sliding_window"),
-    [(512, None), (32, None), (32, 40)],
-    ids=["one-partition", "split-k", "split-k-window"],
+    ("partition_size", "sliding_window", "soft_cap"),
+    [(512, None, None), (32, None, None), (32, 40, None), (32, 40, SOFT_CAP)],
+    ids=["one-partition", "split-k", "split-k-window", "split-k-window-softcap"],
 )
-def test_paged_decode_attention(device, dtype, heads, partition_size, sliding_window):
+def test_paged_decode_attention(device, dtype, heads, partition_size, sliding_window, soft_cap):
     num_heads, num_kv_heads, head_dim = heads
     scale = head_dim**-0.5
     # Lengths 1, block multiples (16, 64) and 100 = four 32-token partitions, the last partial.
@@ -125,18 +129,21 @@ def test_paged_decode_attention(device, dtype, heads, partition_size, sliding_wi
     tables, lens = _block_tables(seq_lens, device), _int32(seq_lens, device)
     actual = triton_kernels.paged_decode_attention_triton(
         query, key_cache, value_cache, tables, lens, scale, max_seq_len=max(seq_lens),
-        sliding_window=sliding_window, partition_size=partition_size,
+        sliding_window=sliding_window, partition_size=partition_size, soft_cap=soft_cap,
     )
     expected = paged_decode_attention_reference(
-        query, key_cache, value_cache, tables, lens, scale, sliding_window
+        query, key_cache, value_cache, tables, lens, scale, sliding_window, soft_cap
     )
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, BF16])
 @pytest.mark.parametrize("heads", HEAD_SHAPES)
-@pytest.mark.parametrize("sliding_window", [None, 20], ids=["causal", "window"])
-def test_paged_prefill_attention(device, dtype, heads, sliding_window):
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap"), [(None, None), (20, None), (20, SOFT_CAP)],
+    ids=["causal", "window", "window-softcap"],
+)
+def test_paged_prefill_attention(device, dtype, heads, sliding_window, soft_cap):
     num_heads, num_kv_heads, head_dim = heads
     scale = head_dim**-0.5
     # (context, new tokens): whole prompts, chunks after a context of a block multiple and not,
@@ -158,12 +165,27 @@ def test_paged_prefill_attention(device, dtype, heads, sliding_window):
     )
     actual = triton_kernels.paged_prefill_attention_triton(
         query, key_cache, value_cache, tables, query_start_loc, contexts, scale, tiles,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, soft_cap=soft_cap,
     )
     expected = paged_prefill_attention_reference(
-        query, key_cache, value_cache, tables, query_start_loc, contexts, scale, sliding_window
+        query, key_cache, value_cache, tables, query_start_loc, contexts, scale, sliding_window,
+        soft_cap,
     )
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+def test_soft_cap_changes_the_reference():
+    """The capped cases above would pass for kernels that ignore the cap if it changed nothing."""
+    cpu = torch.device("cpu")
+    key_cache, value_cache = _caches(2, 64, torch.float32, cpu)
+    query = torch.randn(3, 4, 64)
+    tables, lens = _block_tables([40, 7, 90], cpu), _int32([40, 7, 90], cpu)
+    capped, plain = (
+        paged_decode_attention_reference(query, key_cache, value_cache, tables, lens, 0.125,
+                                         soft_cap=soft_cap)
+        for soft_cap in (SOFT_CAP, None)
+    )
+    assert (capped - plain).abs().max() > 0.05
 
 
 def test_kernels_compile_for_nvidia_gpus():

@@ -194,10 +194,10 @@ def test_backends_on_decodes_sharing_prefixes(device, dtype, heads):
         query, *expected_caches, block_tables, starts, contexts, head_dim**-0.5
     )
     torch_backend = TorchAttentionBackend()
-    assert torch_backend.prepare(layout, device, None).shared_prefixes is not None
+    assert torch_backend.prepare(layout, device).for_window(None).shared_prefixes is not None
     for backend in (torch_backend, triton_backend.TritonAttentionBackend()):
         key_cache, value_cache = (cache.clone() for cache in caches)
-        metadata = backend.prepare(layout, device, None)
+        metadata = backend.prepare(layout, device)
         actual = backend.forward(query, key, value, key_cache, value_cache, metadata,
                                  head_dim**-0.5)
         assert torch.equal(key_cache, expected_caches[0])

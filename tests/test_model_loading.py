@@ -31,16 +31,6 @@ def test_unsupported_architecture_names_it_and_the_supported_list(checkpoint, tm
         assert supported in str(error.value)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "fp8"])
-def test_quantized_checkpoints_are_refused_naming_the_method(checkpoint, tmp_path, method):
-    folder = copy_checkpoint(checkpoint("llama-gqa"), tmp_path / method)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": method, "bits": 4}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"quantized \\({method}\\)"):
-        LLM(str(folder), num_kv_blocks=8)
-
-
 def test_pickle_weights_refused_unless_allowed(checkpoint, tmp_path):
     source = checkpoint("llama-gqa")
     folder = copy_checkpoint(source, tmp_path / "pickled")

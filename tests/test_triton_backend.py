@@ -40,8 +40,11 @@ def _layout(pieces: list[tuple[int, int]], device: torch.device) -> BatchLayout:
     return layout_from_pieces(with_tables, BLOCK_SIZE, device)
 
 
-@pytest.mark.parametrize("sliding_window", [None, 24])
-def test_mixed_step_matches_the_torch_backend(device, sliding_window):
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap"), [(None, None), (24, None), (24, 1.5)],
+    ids=["global", "window", "window-softcap"],
+)
+def test_mixed_step_matches_the_torch_backend(device, sliding_window, soft_cap):
     num_heads, num_kv_heads, head_dim = 8, 2, 32
     # Decodes (one at a block boundary), a prefill chunk over a context, a whole prompt.
     layout = _layout([(40, 1), (20, 12), (0, 23), (15, 1)], device)
@@ -53,10 +56,11 @@ def test_mixed_step_matches_the_torch_backend(device, sliding_window):
     outputs, stored = [], []
     for backend in (TorchAttentionBackend(), triton_backend.TritonAttentionBackend()):
         key_cache, value_cache = caches[0].clone(), caches[1].clone()
-        metadata = backend.prepare(layout, device, sliding_window)
-        outputs.append(
-            backend.forward(query, key, value, key_cache, value_cache, metadata, head_dim**-0.5)
-        )
+        metadata = backend.prepare(layout, device)
+        outputs.append(backend.forward(
+            query, key, value, key_cache, value_cache, metadata, head_dim**-0.5,
+            sliding_window=sliding_window, soft_cap=soft_cap,
+        ))
         stored.append((key_cache, value_cache))
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-5, rtol=1e-4)
     assert torch.equal(stored[1][0], stored[0][0]) and torch.equal(stored[1][1], stored[0][1])

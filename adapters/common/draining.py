@@ -3,7 +3,9 @@
 
 On SIGTERM the server drains: new requests get 503 (and /health reports draining, so a load
 balancer stops sending), requests in flight run to their end for up to `shutdown_timeout`
-seconds, then uvicorn stops and the process exits 0. A second SIGTERM, or SIGINT (Ctrl-C), stops
+seconds; requests still running then are failed by `cut_requests` (their streams end with an
+error event saying the server shut down, rather than just stopping), then uvicorn stops and the
+process exits 0. A second SIGTERM, or SIGINT (Ctrl-C), stops
 at once, as uvicorn does by itself.
 """
 
@@ -87,11 +89,15 @@ class DrainMiddleware:
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server that drains on the first SIGTERM instead of stopping at once."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, shutdown_timeout: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, shutdown_timeout: float,
+        cut_requests: Callable[[], None],
+    ) -> None:
         config.timeout_graceful_shutdown = _CLOSE_CONNECTIONS_SECONDS
         super().__init__(config)
         self.drain = drain
         self.shutdown_timeout = shutdown_timeout
+        self.cut_requests = cut_requests
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drainer: asyncio.Task[None] | None = None
 
@@ -120,20 +126,25 @@ class DrainingServer(uvicorn.Server):
         else:
             logger.warning("%d requests still in flight after %.0f s; stopping anyway",
                            self.drain.num_in_flight, self.shutdown_timeout)
+            # Off the event loop: it waits for the engine's step to end, while the loop goes on
+            # sending the failed requests' last events.
+            await asyncio.to_thread(self.cut_requests)
         self.should_exit = True
 
 
 def serve_draining(
     app: ASGIApp, *, host: str, port: int, shutdown_timeout: float,
-    refusal: Callable[[], Response], alongside: Alongside | None = None, **uvicorn_options: Any,
+    refusal: Callable[[], Response], cut_requests: Callable[[], None],
+    alongside: Alongside | None = None, **uvicorn_options: Any,
 ) -> None:
     """Serve `app` on host:port until stopped: Ctrl-C stops at once; SIGTERM drains first, new
-    requests getting `refusal()` meanwhile. `uvicorn_options` go to uvicorn.Config."""
+    requests getting `refusal()` meanwhile, and `cut_requests()` fails those still running when
+    the time is up. `uvicorn_options` go to uvicorn.Config."""
     drain = Drain()
     config = uvicorn.Config(
         DrainMiddleware(app, drain, refusal), host=host, port=port, **uvicorn_options
     )
-    server = DrainingServer(config, drain, shutdown_timeout)
+    server = DrainingServer(config, drain, shutdown_timeout, cut_requests)
     # uvicorn re-raises the SIGINT it stopped on, once it has shut down: Ctrl-C is the normal way
     # to stop (uvicorn.run swallows it the same way).
     with contextlib.suppress(KeyboardInterrupt):

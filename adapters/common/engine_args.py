@@ -9,6 +9,7 @@ from dataclasses import fields
 from pagoda.adapters.common.listener import size_arg
 from pagoda.backend.config import DTYPES, EngineConfig
 from pagoda.backend.pooling_params import POOLING_TYPES
+from pagoda.backend.quantization.names import ONLINE_SCHEMES, QUANTIZATION_METHODS
 from pagoda.backend.structured.params import BACKENDS, DEFAULT_BACKEND
 
 MODEL_ENV = "PAGODA_MODEL"
@@ -57,6 +58,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output in tokens (default: the model's maximum, "
                             "lowered to what the KV cache holds)")
+    group.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
+                       help="how the weights are quantized; default: as the checkpoint's "
+                            "config.json says (gptq, awq, auto-round, compressed-tensors); for "
+                            f"an unquantized checkpoint, {' or '.join(ONLINE_SCHEMES)} "
+                            "quantizes its linear layers at load (weight-only, per channel)")
     group.add_argument("--enforce-eager", action="store_true",
                        help="on CUDA, run decode steps eagerly instead of through CUDA graphs")
     group.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
@@ -76,6 +82,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pooling", choices=POOLING_TYPES, default="last",
                        help="how /v1/embeddings pools the final hidden states: the last "
                             "token's, or their mean (L2-normalized either way)")
+    group.add_argument("--generation-config", default="auto",
+                       help="default sampling settings of requests that leave them unset: auto "
+                            "(temperature, top_p, top_k, min_p, repetition_penalty from the "
+                            "model's generation_config.json; its max_new_tokens caps max_tokens), "
+                            "vllm (none: the API's defaults), or a folder with that file")
     group.add_argument("--structured-outputs-backend", default=DEFAULT_BACKEND,
                        choices=sorted(BACKENDS),
                        help="grammar engine for response_format, tool_choice and guided_* "

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pagoda.backend.errors import EngineError, InvalidParameter, PromptTooLong
+from pagoda.backend.generation_defaults import NO_SAMPLING_DEFAULTS, SamplingDefaults
 from pagoda.backend.sampling_params import SamplingParams
 
 # FastChat's default when a request names no max_new_tokens (fastchat/serve/inference.py).
@@ -79,10 +80,15 @@ class GenerateRequest(BaseModel):
         # "echo": false for chat, and completions pass the client's echo through.
         return True if self.echo is None else self.echo
 
-    def sampling_params(self) -> SamplingParams:
-        """The engine's parameters for this request; WorkerError 40302 for a value out of range."""
-        temperature = 1.0 if self.temperature is None else self.temperature
-        top_p = 1.0 if self.top_p is None else self.top_p
+    def sampling_params(self, defaults: SamplingDefaults = NO_SAMPLING_DEFAULTS) -> SamplingParams:
+        """The engine's parameters for this request; WorkerError 40302 for a value out of range.
+        `defaults` (the model's generation_config.json) fill the fields the request leaves
+        unset and cap max_new_tokens, as on the OpenAI side (FastChat's peers send most)."""
+        given = defaults.fill({"temperature": self.temperature, "top_p": self.top_p,
+                               "top_k": self.top_k,
+                               "repetition_penalty": self.repetition_penalty})
+        temperature = _or(given["temperature"], 1.0)
+        top_p = _or(given["top_p"], 1.0)
         if top_p == 0.0:
             # FastChat's UIs allow top_p 0, which keeps only the most likely token: greedy.
             top_p, temperature = 1.0, 0.0
@@ -103,14 +109,15 @@ class GenerateRequest(BaseModel):
                 use_beam_search=use_beam_search,
                 temperature=temperature,
                 top_p=top_p,
-                top_k=self.top_k if self.top_k is not None else -1,
-                repetition_penalty=_or(self.repetition_penalty, 1.0),
+                top_k=_or(given["top_k"], -1),
+                min_p=_or(given.get("min_p"), 0.0),
+                repetition_penalty=_or(given["repetition_penalty"], 1.0),
                 presence_penalty=_or(self.presence_penalty, 0.0),
                 frequency_penalty=_or(self.frequency_penalty, 0.0),
                 # FastChat sends "" for "no stop string" (conv.stop_str of many templates).
                 stop=[s for s in stop if s],
                 stop_token_ids=list(self.stop_token_ids or []),
-                max_tokens=self.max_new_tokens,
+                max_tokens=defaults.cap_max_tokens(self.max_new_tokens),
                 logprobs=self.logprobs,
             )
         except InvalidParameter as error:

@@ -17,6 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pagoda.adapters.common.draining import serve_draining
+from pagoda.adapters.common.metrics import ServerMetrics
+from pagoda.adapters.common.probes import probe_routes
 from pagoda.adapters.common.startup import start_engine
 from pagoda.adapters.fastchat.conv_template import resolve_conv_template
 from pagoda.adapters.fastchat.protocol import ErrorCode, WorkerError
@@ -72,8 +74,9 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
     conv_template = resolve_conv_template(args.conv_template, config.model, model_names)
 
     with start_engine(config) as client:
+        metrics = ServerMetrics(client)
         worker = FastChatWorker(client, model_names, conv_template, args.limit_worker_concurrency,
-                                args.max_waiting_requests)
+                                args.max_waiting_requests, metrics)
         keep_registered = None
         if not args.no_register:
             registration = ControllerRegistration(
@@ -81,9 +84,11 @@ def run_worker(args: argparse.Namespace, config: EngineConfig) -> int:
             )
             keep_registered = functools.partial(_register_once_started, registration=registration)
         serve_draining(
-            Starlette(routes=worker_routes(worker, args.max_request_bytes)), host=args.host,
+            # FastChat's routes, and /health and /metrics for load balancers and scrapers.
+            Starlette(routes=[*probe_routes(client, metrics),
+                              *worker_routes(worker, args.max_request_bytes)]), host=args.host,
             port=args.port, shutdown_timeout=args.shutdown_timeout, refusal=_shutting_down,
-            alongside=keep_registered, log_level="info", timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            cut_requests=client.shutdown, alongside=keep_registered, log_level="info", timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     return 0
 
@@ -102,9 +107,11 @@ class AttachedWorker:
     heart_beat_interval: float
     worker: FastChatWorker | None = None
 
-    def routes(self, client: EngineClient) -> list[Route]:
+    def routes(self, client: EngineClient, metrics: ServerMetrics) -> list[Route]:
+        """FastChat's routes; the OpenAI app already answers /health and /metrics."""
         self.worker = FastChatWorker(client, self.model_names, self.conv_template,
-                                     max_waiting_requests=self.max_waiting_requests)
+                                     max_waiting_requests=self.max_waiting_requests,
+                                     metrics=metrics)
         return worker_routes(self.worker)
 
     async def keep_registered(self, server: uvicorn.Server) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pagoda.adapters.common.embeddings import base64_float32, embed_prompts
+from pagoda.adapters.common.metrics import Outcome, RequestTracker, ServerMetrics
 from pagoda.adapters.fastchat.chunks import ChunkBuilder
 from pagoda.adapters.fastchat.flags import DEFAULT_LIMIT_WORKER_CONCURRENCY
 from pagoda.adapters.fastchat.protocol import (
@@ -37,7 +38,9 @@ class FastChatWorker:
         conv_template: dict[str, Any],
         limit_worker_concurrency: int = DEFAULT_LIMIT_WORKER_CONCURRENCY,
         max_waiting_requests: int | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
+        """`metrics`: where requests are recorded (by default metrics of this worker's own)."""
         if not model_names:
             raise ValueError("model_names must name at least one model")
         if limit_worker_concurrency < 1:
@@ -51,6 +54,7 @@ class FastChatWorker:
         self.conv_template = conv_template
         self.limit_worker_concurrency = limit_worker_concurrency
         self.max_waiting_requests = max_waiting_requests
+        self.metrics = metrics if metrics is not None else ServerMetrics(client)
         # FastChat's semantics: requests beyond the limit wait for a slot, they are not refused.
         self._slots = asyncio.Semaphore(limit_worker_concurrency)
         self._num_waiting_for_slot = 0
@@ -96,43 +100,60 @@ class FastChatWorker:
     async def generate_stream(self, body: Any) -> AsyncIterator[dict[str, Any]]:
         """FastChat's chunks for one request; an error is the last chunk. Closing the iterator
         early (a client that went away) aborts the engine request and frees the slot."""
+        tracker = self.metrics.track()
+        outcome: Outcome = "aborted"  # unless it ends otherwise: the reader left
         try:
-            request = GenerateRequest.parse(body)
-            self._check_model(request.model)
-            params = request.sampling_params()
-            self._check_not_overloaded()
-            async with self._slot():
-                builder = ChunkBuilder(request, params, self.tokenizer)
-                request_id = f"fastchat-{uuid.uuid4().hex}"
-                # aclosing: when this stream is closed early, the engine request is aborted now
-                # rather than whenever the inner generator is garbage-collected. FastChat's
-                # chunks are cumulative, as the outputs are (the default output kind): a stream
-                # that fell behind gets the newest, not a backlog of ever longer stale ones.
-                outputs = self.client.generate(request_id, request.prompt, params)
-                self._num_unstarted += 1
-                started = False
-                try:
-                    async with contextlib.aclosing(outputs):
-                        async for output in outputs:
-                            if not started:
-                                started = True
-                                self._num_unstarted -= 1
-                            for chunk in builder.chunks(output):
-                                yield chunk
-                except EngineError as error:
-                    if error.internal:
-                        logger.warning("request %s failed: %s", request_id, error)
-                    raise engine_error(error) from None
-                finally:
-                    if not started:
-                        self._num_unstarted -= 1
+            # aclosing: closing this stream closes the inner one now, which aborts the request.
+            async with contextlib.aclosing(self._generate_chunks(body, tracker)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            outcome = "success"
         except WorkerError as error:
+            outcome = _outcome_of(error)
             yield error.chunk()
+        finally:
+            tracker.finish(outcome)
+
+    async def _generate_chunks(
+        self, body: Any, tracker: RequestTracker
+    ) -> AsyncIterator[dict[str, Any]]:
+        """generate_stream's chunks; WorkerError for a request refused or failed."""
+        request = GenerateRequest.parse(body)
+        self._check_model(request.model)
+        params = request.sampling_params(self.client.info.sampling_defaults)
+        self._check_not_overloaded()
+        async with self._slot():
+            builder = ChunkBuilder(request, params, self.tokenizer)
+            request_id = f"fastchat-{uuid.uuid4().hex}"
+            # aclosing: when this stream is closed early, the engine request is aborted now
+            # rather than whenever the inner generator is garbage-collected. FastChat's
+            # chunks are cumulative, as the outputs are (the default output kind): a stream
+            # that fell behind gets the newest, not a backlog of ever longer stale ones.
+            outputs = self.client.generate(request_id, request.prompt, params)
+            self._num_unstarted += 1
+            started = False
+            try:
+                async with contextlib.aclosing(outputs):
+                    async for output in outputs:
+                        if not started:
+                            started = True
+                            self._num_unstarted -= 1
+                        tracker.observe(0, output)
+                        for chunk in builder.chunks(output):
+                            yield chunk
+            except EngineError as error:
+                if error.internal:
+                    logger.warning("request %s failed: %s", request_id, error)
+                raise engine_error(error) from None
+            finally:
+                if not started:
+                    self._num_unstarted -= 1
 
     async def get_embeddings(self, body: Any) -> dict[str, Any]:
         """FastChat's embeddings answer, {"embedding": [...], "token_num": N} (vectors as
         floats, or base64 float32 strings), or an error chunk. Pooled as the engine's --pooling
         says (FastChat's own worker takes the mean)."""
+        tracker = self.metrics.track()
         try:
             request = EmbeddingsRequest.parse(body)
             self._check_model(request.model)
@@ -144,7 +165,14 @@ class FastChatWorker:
                 except EngineError as error:
                     raise engine_error(error) from None
         except WorkerError as error:
+            tracker.finish(_outcome_of(error))
             return error.chunk()
+        except asyncio.CancelledError:  # the client left
+            tracker.finish("aborted")
+            raise
+        for index, output in enumerate(outputs):
+            tracker.observe(index, output)
+        tracker.finish("success")
         vectors = [output.embedding or [] for output in outputs]
         return {
             "embedding": (
@@ -194,3 +222,8 @@ class FastChatWorker:
             yield
         finally:
             self._slots.release()
+
+
+def _outcome_of(error: WorkerError) -> Outcome:
+    """How a request that ended in `error` is counted: a server fault, or a request refused."""
+    return "error" if error.code == ErrorCode.INTERNAL_ERROR else "rejected"

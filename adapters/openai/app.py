@@ -2,26 +2,28 @@
 
 `create_app` takes a started EngineClient and returns the app; it neither starts nor stops the
 engine, so another adapter can serve its own routes from the same app and engine: pass them as
-`extra_routes`. With an API key, every path but /health needs it, except `extra_routes` (the
-FastChat worker's: FastChat's controller and API server send no key).
+`extra_routes`. With an API key, every path but /health needs it (the routers' endpoints of
+serving_router.py too), except `extra_routes` (the FastChat worker's: FastChat's controller and
+API server send no key).
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pagoda.adapters.common.metrics import ServerMetrics
+from pagoda.adapters.common.probes import probe_routes
+from pagoda.adapters.common.version import pagoda_version
 from pagoda.adapters.openai.errors import (
     OpenAIError,
     handle_http_error,
@@ -33,6 +35,7 @@ from pagoda.adapters.openai.serving_chat import ChatEndpoint
 from pagoda.adapters.openai.serving_completions import CompletionsEndpoint
 from pagoda.adapters.openai.serving_embeddings import EmbeddingsEndpoint
 from pagoda.adapters.openai.serving_responses import ResponsesEndpoint
+from pagoda.adapters.openai.serving_router import RouterEndpoints
 from pagoda.adapters.openai.serving_tokens import TokenEndpoints
 from pagoda.adapters.openai.settings import ServerSettings
 from pagoda.adapters.openai.state import ServerState
@@ -43,24 +46,21 @@ _OPEN_PATHS = ("/health",)
 
 
 def create_app(
-    client: EngineClient, settings: ServerSettings, extra_routes: Sequence[BaseRoute] = ()
+    client: EngineClient, settings: ServerSettings, extra_routes: Sequence[BaseRoute] = (),
+    metrics: ServerMetrics | None = None,
 ) -> Starlette:
-    state = ServerState(client, settings)
+    """`metrics`: those the extra routes record into too (by default the app's own)."""
+    state = ServerState(client, settings, metrics)
     chat = ChatEndpoint(state)
     completions = CompletionsEndpoint(state)
     embeddings = EmbeddingsEndpoint(state)
     responses = ResponsesEndpoint(state)
     tokens = TokenEndpoints(state)
+    router_endpoints = RouterEndpoints(state)
     model_root = client.info.model or settings.model_name
 
-    async def health(request: Request) -> Response:
-        return Response(status_code=200 if client.is_running else 503)
-
     async def server_version(request: Request) -> JSONResponse:
-        return JSONResponse({"version": _pagoda_version()})
-
-    async def metrics(request: Request) -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return JSONResponse({"version": pagoda_version()})
 
     def model_card(name: str) -> ModelCard:
         return ModelCard(id=name, root=model_root, max_model_len=state.max_model_len)
@@ -74,9 +74,8 @@ def create_app(
         return JSONResponse(model_card(name).model_dump())
 
     routes: list[BaseRoute] = [
-        Route("/health", health, methods=["GET"]),
+        *probe_routes(client, state.metrics),  # /health, /metrics
         Route("/version", server_version, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat.handle, methods=["POST"]),
@@ -86,6 +85,7 @@ def create_app(
         Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
         Route("/tokenize", tokens.tokenize, methods=["POST"]),
         Route("/detokenize", tokens.detokenize, methods=["POST"]),
+        *router_endpoints.routes(),
         *extra_routes,
     ]
     middleware = []
@@ -133,10 +133,3 @@ class ApiKeyMiddleware:
         )
         response = OpenAIError(401, message, code="invalid_api_key").to_response()
         await response(scope, receive, send)
-
-
-def _pagoda_version() -> str:
-    try:
-        return version("pagoda")
-    except PackageNotFoundError:
-        return "unknown"

@@ -6,6 +6,7 @@ from pagoda.adapters.openai.errors import engine_error, invalid_param
 from pagoda.adapters.openai.protocol import SamplingRequest
 from pagoda.adapters.openai.structured import structured_outputs_of
 from pagoda.backend.errors import InvalidParameter
+from pagoda.backend.generation_defaults import NO_SAMPLING_DEFAULTS, SamplingDefaults
 from pagoda.backend.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.backend.structured import StructuredOutputsParams
 
@@ -28,12 +29,14 @@ def build_sampling_params(
     echo: bool = False,
     forced_tool_call: StructuredOutputsParams | None = None,
     skip_special_tokens: bool | None = None,
+    defaults: SamplingDefaults = NO_SAMPLING_DEFAULTS,
 ) -> SamplingParams:
     """max_tokens, logprobs and prompt_logprobs come resolved (their request fields differ
     between endpoints); `param_names` maps a SamplingParams field to the request field an error
     should name, and gets the field that constrains the output (see structured.py). A tool
     parser that reads special tokens overrides skip_special_tokens. max_tokens=0 (the prompt
-    alone) is for an `echo` only."""
+    alone) is for an `echo` only. `defaults` (the model's generation_config.json) fill the
+    sampling fields the request leaves unset and cap max_tokens, as vLLM's do."""
     if max_tokens == 0 and not echo:
         name = param_names.get("max_tokens", "max_tokens")
         raise invalid_param(f"{name} must be >= 1 (0, the prompt alone, needs echo)", name)
@@ -46,8 +49,9 @@ def build_sampling_params(
     if request.use_beam_search and request.temperature is None:
         # Beam search ranks by log-probability; OpenAI's default temperature of 1 is for sampling.
         values["temperature"] = 0.0
+    values = defaults.fill(values)
     values["logit_bias"] = _logit_bias(request.logit_bias)
-    values["max_tokens"] = max_tokens
+    values["max_tokens"] = defaults.cap_max_tokens(max_tokens)
     values["logprobs"] = logprobs
     values["prompt_logprobs"] = prompt_logprobs
     # A stream sends what each step adds; a whole answer needs only the final output.

@@ -9,6 +9,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from pagoda.adapters.common.draining import Alongside, serve_draining
+from pagoda.adapters.common.metrics import ServerMetrics
 from pagoda.adapters.common.startup import start_engine
 from pagoda.adapters.openai.app import create_app
 from pagoda.adapters.openai.errors import RETRY_AFTER_SECONDS, SERVER_ERROR, OpenAIError
@@ -18,8 +19,9 @@ from pagoda.backend.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
 
-# Routes another adapter serves from the same app, built once the engine exists.
-ExtraRoutes = Callable[[EngineClient], Sequence[BaseRoute]]
+# Routes another adapter serves from the same app, built once the engine exists; their requests
+# count in the app's metrics.
+ExtraRoutes = Callable[[EngineClient, ServerMetrics], Sequence[BaseRoute]]
 
 
 def run_server(
@@ -29,14 +31,15 @@ def run_server(
     """Serve until interrupted: Ctrl-C stops at once, SIGTERM after draining (common/draining).
     A model that cannot load raises StartupError."""
     with start_engine(engine_config) as client:
-        routes = extra_routes(client) if extra_routes is not None else ()
+        metrics = ServerMetrics(client)
+        routes = extra_routes(client, metrics) if extra_routes is not None else ()
         logger.info(
             "serving %s on http://%s:%d/v1", settings.model_name, settings.host, settings.port
         )
         serve_draining(
-            create_app(client, settings, routes), host=settings.host, port=settings.port,
+            create_app(client, settings, routes, metrics), host=settings.host, port=settings.port,
             shutdown_timeout=settings.shutdown_timeout, refusal=_shutting_down,
-            alongside=alongside, log_level=settings.uvicorn_log_level,
+            cut_requests=client.shutdown, alongside=alongside, log_level=settings.uvicorn_log_level,
         )
 
 

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from pagoda.adapters.common.disconnect import ClientDisconnected, unless_disconnected
 from pagoda.adapters.openai.errors import OpenAIError, engine_error
 from pagoda.adapters.openai.generation import PromptStreams
-from pagoda.adapters.openai.metrics import RequestTracker
+from pagoda.adapters.common.metrics import RequestTracker
 from pagoda.adapters.openai.parsing import read_json
 from pagoda.adapters.openai.protocol import SamplingRequest, UsageInfo
 from pagoda.adapters.openai.state import ServerState

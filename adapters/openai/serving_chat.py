@@ -67,6 +67,7 @@ class ChatEndpoint(GenerationEndpoint):
             ),
             forced_tool_call=tools.forced,
             skip_special_tokens=False if tools.reads_special_tokens else None,
+            defaults=self.state.client.info.sampling_defaults,
         )
         check_streamable(request, params)
         return ChatJob(

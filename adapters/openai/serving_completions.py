@@ -51,6 +51,7 @@ class CompletionsEndpoint(GenerationEndpoint):
             param_names=param_names,
             prompt_logprobs=prompt_logprobs,
             echo=bool(request.echo),
+            defaults=self.state.client.info.sampling_defaults,
         )
         check_streamable(request, params)
         return Job(

@@ -104,6 +104,7 @@ class ResponsesEndpoint(GenerationEndpoint):
             request, max_tokens=request.max_output_tokens, logprobs=None,
             param_names=_PARAM_NAMES, forced_tool_call=tools.forced,
             skip_special_tokens=False if tools.reads_special_tokens else None,
+            defaults=self.state.client.info.sampling_defaults,
         )
         check_streamable(request, params)
         return ResponsesJob(

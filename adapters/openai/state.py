@@ -10,7 +10,7 @@ import jinja2
 
 from pagoda.adapters.openai.errors import invalid_param, model_not_found, overloaded
 from pagoda.adapters.openai.logprobs import TokenStrings
-from pagoda.adapters.openai.metrics import ServerMetrics
+from pagoda.adapters.common.metrics import ServerMetrics
 from pagoda.adapters.openai.protocol import ChatMessage
 from pagoda.adapters.openai.settings import ServerSettings
 from pagoda.adapters.openai.tools.messages import tool_calls
@@ -20,11 +20,14 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ServerState:
-    def __init__(self, client: EngineClient, settings: ServerSettings) -> None:
+    def __init__(
+        self, client: EngineClient, settings: ServerSettings, metrics: ServerMetrics | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
         self.max_model_len = client.info.max_model_len
-        self.metrics = ServerMetrics(client)
+        # Shared with another adapter on the same app and engine (the attached FastChat worker).
+        self.metrics = metrics if metrics is not None else ServerMetrics(client)
         self.token_strings = TokenStrings(client.info.tokenizer)
         # Prompts this app submitted that have not produced their first output yet. The engine's
         # own waiting count lags by up to a step, so a burst would slip past it alone.

@@ -63,14 +63,12 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
 
     @abstractmethod
-    def prepare(
-        self, layout: BatchLayout, device: torch.device, sliding_window: int | None
-    ) -> AttentionMetadata:
-        """Precompute the step's per-batch state (index tensors, masks) for all layers."""
+    def prepare(self, layout: BatchLayout, device: torch.device) -> AttentionMetadata:
+        """Precompute the step's per-batch state (index tensors, masks) for all layers. What
+        depends on a layer's sliding window is derived from it at most once per distinct window
+        (a model may mix windowed and global layers)."""
 
-    def prepare_decode(
-        self, batch: DecodeBatch, sliding_window: int | None
-    ) -> AttentionMetadata:
+    def prepare_decode(self, batch: DecodeBatch) -> AttentionMetadata:
         """Metadata of a decode-only batch given as device tensors. A backend whose decode a CUDA
         graph can capture overrides this to build it without reading the tensors back (the
         graph replays it with new contents). This default reads them back and calls prepare:
@@ -87,7 +85,7 @@ class AttentionBackend(ABC):
             slot_mapping=batch.slot_mapping,
             block_size=batch.block_size,
         )
-        return self.prepare(layout, batch.slot_mapping.device, sliding_window)
+        return self.prepare(layout, batch.slot_mapping.device)
 
     @abstractmethod
     def forward(
@@ -99,13 +97,18 @@ class AttentionBackend(ABC):
         value_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         """Store the new tokens' key/value in the cache, then attend.
 
         query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads, head_dim].
         Each new token attends causally to its sequence's cached context and to the new tokens
-        up to itself (within the sliding window, when one is set). Returns
-        [num_tokens, num_heads, head_dim].
+        up to itself; with `sliding_window` only to the last `sliding_window` positions (itself
+        included). With `soft_cap` every scaled score s becomes soft_cap * tanh(s / soft_cap)
+        before the softmax. Both are the calling layer's own: layers of one model may differ.
+        Returns [num_tokens, num_heads, head_dim].
         """
 
     def copy_blocks(

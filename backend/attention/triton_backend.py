@@ -37,7 +37,6 @@ class TritonAttentionMetadata(AttentionMetadata):
     # None for a decode batch built from a CUDA graph's static buffers (prepare_decode).
     layout: BatchLayout | None
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's key and value go
-    sliding_window: int | None
     # Sizes the decode launch (partitions of the longest decoding context); a runtime size, not
     # a compile-time constant, so a new maximum every step compiles nothing new.
     decode_max_seq_len: int
@@ -78,9 +77,7 @@ def require_runnable_on(device: torch.device) -> None:
 class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True
 
-    def prepare(
-        self, layout: BatchLayout, device: torch.device, sliding_window: int | None
-    ) -> TritonAttentionMetadata:
+    def prepare(self, layout: BatchLayout, device: torch.device) -> TritonAttentionMetadata:
         require_runnable_on(device)
         query_lens = layout.query_lens
         decodes = [i for i, query_len in enumerate(query_lens) if query_len == 1]
@@ -90,7 +87,6 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonAttentionMetadata(
             layout=layout,
             slot_mapping=layout.slot_mapping,
-            sliding_window=sliding_window,
             decode_max_seq_len=max((seq_lens[i] for i in decodes), default=0),
             block_tables=_int32(tables, device),
             query_start_loc=_int32(layout.query_start_loc, device),
@@ -103,9 +99,7 @@ class TritonAttentionBackend(AttentionBackend):
             decode_seq_lens=_int32([seq_lens[i] for i in decodes], device),
         )
 
-    def prepare_decode(
-        self, batch: DecodeBatch, sliding_window: int | None
-    ) -> TritonAttentionMetadata:
+    def prepare_decode(self, batch: DecodeBatch) -> TritonAttentionMetadata:
         """The batch's own tensors, nothing read back, so a CUDA graph can replay it with new
         contents. The decode launch is sized for batch.max_seq_len (the longest a sequence may
         be), not this step's longest context: partitions past a sequence's end return at once."""
@@ -115,7 +109,6 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonAttentionMetadata(
             layout=None,
             slot_mapping=batch.slot_mapping,
-            sliding_window=sliding_window,
             decode_max_seq_len=batch.max_seq_len,
             block_tables=batch.block_tables,
             query_start_loc=no_prefill,
@@ -135,21 +128,26 @@ class TritonAttentionBackend(AttentionBackend):
         value_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
     ) -> torch.Tensor:
         assert isinstance(metadata, TritonAttentionMetadata)
         store_kv_triton(key, value, key_cache, value_cache, metadata.slot_mapping)
+        # The window and the cap are kernel arguments: nothing in the metadata depends on them.
+        layer = (scale, sliding_window, soft_cap)
         if metadata.all_decode:
-            return self._decode(query, key_cache, value_cache, metadata, scale)
+            return self._decode(query, key_cache, value_cache, metadata, *layer)
         output = torch.empty_like(query)
         if metadata.decode_rows.numel():
             rows = metadata.decode_rows
-            output[rows] = self._decode(query[rows], key_cache, value_cache, metadata, scale)
+            output[rows] = self._decode(query[rows], key_cache, value_cache, metadata, *layer)
         num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
         paged_prefill_attention_triton(
             query, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc,
             metadata.context_lens, scale,
             tiles=metadata.prefill_tiles(tokens_per_tile(num_heads, num_kv_heads)),
-            sliding_window=metadata.sliding_window, out=output,
+            sliding_window=sliding_window, out=output, soft_cap=soft_cap,
         )
         return output
 
@@ -174,10 +172,13 @@ class TritonAttentionBackend(AttentionBackend):
         value_cache: torch.Tensor,
         metadata: TritonAttentionMetadata,
         scale: float,
+        sliding_window: int | None,
+        soft_cap: float | None,
     ) -> torch.Tensor:
         return paged_decode_attention_triton(
             query, key_cache, value_cache, metadata.decode_block_tables, metadata.decode_seq_lens,
-            scale, max_seq_len=metadata.decode_max_seq_len, sliding_window=metadata.sliding_window,
+            scale, max_seq_len=metadata.decode_max_seq_len, sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
 
 

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pagoda.backend.kv.block_pool import BlockKey, BlockPool, KVBlock
+from pagoda.backend.long_context import LongContext
+
+# The root of the prefix-cache chains of long sequences (LongRoPE; short ones start from None).
+LONG_CONTEXT_ROOT = hash("pagoda.long-context")
 
 
 class SequenceTokens(Protocol):
@@ -35,10 +39,26 @@ class KVStats:
         return 1.0 - self.num_tokens / slots if slots else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixCacheFlush:
+    """What a prefix-cache flush did: cached blocks nobody held were forgotten (their memory is
+    free and empty now); those live sequences hold stayed cached."""
+
+    num_dropped_blocks: int
+    num_kept_blocks: int
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        long_context: LongContext | None = None,
+    ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.long_context = long_context
         self.block_tables: dict[int, list[KVBlock]] = {}
         # Keys of each sequence's leading full blocks, in order (only with prefix caching).
         self._block_keys: dict[int, list[BlockKey]] = {}
@@ -86,9 +106,10 @@ class BlockManager:
             return 0
         num_matchable = (len(seq.token_ids) - 1) // self.block_size
         parent: BlockKey | None = None
+        root = self._chain_root(seq)
         for index in range(num_matchable):
             start = index * self.block_size
-            key = BlockKey.chain(parent, seq.token_ids[start : start + self.block_size])
+            key = BlockKey.chain(parent, seq.token_ids[start : start + self.block_size], root)
             block = self.pool.lookup(key)
             if block is None:
                 break
@@ -155,12 +176,26 @@ class BlockManager:
         table = self.block_tables[seq.seq_id]
         num_full = seq.num_computed_tokens // self.block_size
         parent = keys[-1] if keys else None
+        # NOTE: called before the step's sampled tokens are appended, so the sequence's length
+        # is the one its blocks were computed at.
+        root = self._chain_root(seq)
         for index in range(len(keys), num_full):
             start = index * self.block_size
-            key = BlockKey.chain(parent, seq.token_ids[start : start + self.block_size])
+            key = BlockKey.chain(parent, seq.token_ids[start : start + self.block_size], root)
             self.pool.cache(table[index], key)
             keys.append(key)
             parent = key
+
+    def _chain_root(self, seq: SequenceTokens) -> int | None:
+        long = self.long_context is not None and self.long_context.is_long(len(seq.token_ids))
+        return LONG_CONTEXT_ROOT if long else None
+
+    def flush_prefix_cache(self) -> PrefixCacheFlush:
+        """Empty the prefix cache of every block no sequence holds (see
+        BlockPool.drop_unreferenced_cached). Sequences keep their tables and their own keys, so
+        their blocks go on being published as they fill."""
+        dropped = self.pool.drop_unreferenced_cached()
+        return PrefixCacheFlush(num_dropped_blocks=dropped, num_kept_blocks=len(self.pool.cached))
 
     def block_ids(self, seq_id: int) -> list[int]:
         return [block.block_id for block in self.block_tables[seq_id]]

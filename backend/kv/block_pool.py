@@ -32,8 +32,12 @@ class BlockKey:
     hash: int
 
     @classmethod
-    def chain(cls, parent: BlockKey | None, token_ids: Sequence[int]) -> BlockKey:
-        parent_hash = parent.hash if parent is not None else None
+    def chain(
+        cls, parent: BlockKey | None, token_ids: Sequence[int], root: int | None = None
+    ) -> BlockKey:
+        """The key of a block after `parent`; a first block (no parent) hangs from `root`,
+        which tells apart chains whose KV differs for the same tokens (see long_context.py)."""
+        parent_hash = parent.hash if parent is not None else root
         token_tuple = tuple(token_ids)
         return cls(parent_hash, token_tuple, hash((parent_hash, token_tuple)))
 
@@ -273,6 +277,20 @@ class BlockPool:
             return
         block.key = key
         self.cached[key] = block
+
+    def drop_unreferenced_cached(self) -> int:
+        """Forget the prefix-cache key of every free cached block (it stays in the free queue,
+        now empty) and return how many were dropped. Cached blocks that sequences still hold
+        keep their keys: their KV is live and correct, and dropping the key would free nothing.
+
+        NOTE: safe between steps while requests run: no table refers to a free block, so no
+        sequence loses KV it uses; a later prompt just finds fewer blocks to reuse."""
+        dropped = [block for block in self.cached.values() if block.ref_count == 0]
+        for block in dropped:
+            assert block.key is not None
+            del self.cached[block.key]
+            block.key = None
+        return len(dropped)
 
     def _evict(self, block: KVBlock) -> None:
         if block.key is not None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +39,6 @@ def resolve_model_path(model: str, revision: str | None, allow_pickle_weights: b
             f"({reason}): check the id, the network and HF_TOKEN (gated models), or pass a "
             "local folder"
         ) from None
-
-
-def check_unquantized(config: PretrainedConfig) -> None:
-    """Refuse quantized checkpoints (GPTQ, AWQ, FP8, bitsandbytes, ...) up front with a ValueError
-    naming the method: their weights are packed in formats no model here reads yet."""
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
-        method = (quantization.get("quant_method") if isinstance(quantization, dict)
-                  else getattr(quantization, "quant_method", None)) or "unknown method"
-        raise ValueError(
-            f"the checkpoint is quantized ({method}), which Pagoda does not load yet; use its "
-            "unquantized (float16, bfloat16 or float32) release"
-        )
 
 
 def weight_files(folder: Path, allow_pickle_weights: bool) -> list[Path]:

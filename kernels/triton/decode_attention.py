@@ -18,8 +18,10 @@ from pagoda.kernels.triton.launch import (
     dot_dtype,
     require_same_layout,
     require_unit_stride,
+    soft_cap_value,
     window_size,
 )
+from pagoda.kernels.triton.soft_cap import soft_cap_scores
 
 DEFAULT_PARTITION_SIZE = 512
 # Keys per loop iteration.
@@ -34,12 +36,12 @@ MIN_DOT_SIZE = 16
 def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
-    scale, window, num_heads, num_partitions, block_size,
+    scale, window, soft_cap, num_heads, num_partitions, block_size,
     stride_query_seq, stride_query_head, stride_out_seq, stride_out_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     GROUP_SIZE: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     # NOTE: int64 before any product with a runtime size: partial-result offsets reach
     # num_seqs * num_heads * num_partitions * head_dim, past 2^31 for big batches of long contexts.
@@ -79,6 +81,8 @@ def _decode_kernel(
         )
 
         scores = tl.dot(query, tl.trans(keys).to(DOT_DTYPE), input_precision="ieee") * scale
+        if SOFT_CAP:
+            scores = soft_cap_scores(scores, soft_cap)
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         probs = tl.exp(scores - new_max[:, None])
@@ -147,6 +151,7 @@ def paged_decode_attention_triton(
     max_seq_len: int,
     sliding_window: int | None = None,
     partition_size: int = DEFAULT_PARTITION_SIZE,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_decode_attention_reference`.
 
@@ -178,13 +183,14 @@ def paged_decode_attention_triton(
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         query, key_cache, value_cache, block_tables, seq_lens,
         output, partial_out, partial_max, partial_sum,
-        scale, window, num_heads, num_partitions, key_cache.shape[1],
+        scale, window, soft_cap_value(soft_cap), num_heads, num_partitions, key_cache.shape[1],
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP_SIZE=group_size, BLOCK_GROUP=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)),
         HEAD_DIM=head_dim, BLOCK_DIM=block_dim,
         BLOCK_N=max(MIN_DOT_SIZE, min(BLOCK_KEYS, triton.next_power_of_2(partition_size))),
         PARTITION_SIZE=partition_size, SPLIT=split, DOT_DTYPE=dot_dtype(key_cache),
+        SOFT_CAP=soft_cap is not None,
     )
     if split:
         _merge_partitions_kernel[(num_seqs, num_heads)](

@@ -34,6 +34,16 @@ def window_size(sliding_window: int | None) -> int:
     return NO_SLIDING_WINDOW if sliding_window is None else sliding_window
 
 
+def soft_cap_value(soft_cap: float | None) -> float:
+    """The soft-cap argument of the attention kernels. Without a cap the kernels are compiled
+    with SOFT_CAP off and never read it; 1.0 stands in. A cap must be positive."""
+    if soft_cap is None:
+        return 1.0
+    if soft_cap <= 0:
+        raise ValueError(f"soft_cap must be positive, got {soft_cap}")
+    return float(soft_cap)
+
+
 def dot_dtype(cache: torch.Tensor) -> tl.dtype:
     """The operand type of `tl.dot` over values read from `cache`: the cache's own, so that
     half-precision caches use tensor cores; float32 for bfloat16 under the interpreter, whose

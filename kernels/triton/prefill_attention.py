@@ -1,5 +1,5 @@
 """Paged prefill attention (Triton): prompts and prompt chunks of any length, over their cached
-context and themselves, causal, GQA, optional sliding window.
+context and themselves, causal, GQA, optional sliding window and logit soft-capping.
 
 The new tokens' keys and values are stored in the cache first, so one loop over the cache covers
 both the context of a chunked prefill and the chunk itself. One program handles one tile of a
@@ -20,8 +20,10 @@ from pagoda.kernels.triton.launch import (
     dot_dtype,
     require_same_layout,
     require_unit_stride,
+    soft_cap_value,
     window_size,
 )
+from pagoda.kernels.triton.soft_cap import soft_cap_scores
 
 # Rows (token x head pairs) per program, and keys per loop iteration.
 BLOCK_ROWS = 64
@@ -75,12 +77,12 @@ def _block_group(group_size: int) -> int:
 def _prefill_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, context_lens_ptr, tile_seq_ptr, tile_start_ptr,
-    scale, window, block_size,
+    scale, window, soft_cap, block_size,
     stride_query_token, stride_query_head, stride_out_token, stride_out_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     GROUP_SIZE: tl.constexpr, BLOCK_GROUP: tl.constexpr, TILE_TOKENS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,6 +126,8 @@ def _prefill_kernel(
         )
 
         scores = tl.dot(query, tl.trans(keys).to(DOT_DTYPE), input_precision="ieee") * scale
+        if SOFT_CAP:
+            scores = soft_cap_scores(scores, soft_cap)
         visible = (
             row_valid[:, None]
             & key_mask[None, :]
@@ -160,6 +164,7 @@ def paged_prefill_attention_triton(
     tiles: PrefillTiles,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_prefill_attention_reference`, for the sequences `tiles` covers.
 
@@ -181,12 +186,12 @@ def paged_prefill_attention_triton(
     _prefill_kernel[(tiles.seq_index.numel(), num_kv_heads)](
         query, key_cache, value_cache, out,
         block_tables, query_start_loc, context_lens, tiles.seq_index, tiles.token_start,
-        scale, window_size(sliding_window), key_cache.shape[1],
+        scale, window_size(sliding_window), soft_cap_value(soft_cap), key_cache.shape[1],
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP_SIZE=group_size, BLOCK_GROUP=_block_group(group_size),
         TILE_TOKENS=tiles.tokens_per_tile,
         HEAD_DIM=head_dim, BLOCK_DIM=max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim)),
-        BLOCK_N=BLOCK_KEYS, DOT_DTYPE=dot_dtype(key_cache),
+        BLOCK_N=BLOCK_KEYS, DOT_DTYPE=dot_dtype(key_cache), SOFT_CAP=soft_cap is not None,
     )
     return out

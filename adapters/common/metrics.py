@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server, all named `pagoda_*`.
+"""Prometheus metrics of a server (the OpenAI API, the FastChat worker), all named `pagoda_*`.
 
 Per-request numbers (outcomes, tokens, latencies) are recorded by the request handlers, timed
 from the moment the server received the request; engine state (queue lengths, KV blocks, prefix
@@ -38,6 +38,9 @@ class _EngineCollector(Collector):
             "pagoda_num_requests_waiting": ("requests queued in the engine", snapshot.num_waiting),
             "pagoda_kv_blocks_used": ("KV cache blocks in use", snapshot.num_kv_blocks_used),
             "pagoda_kv_blocks_total": ("KV cache blocks in the pool", snapshot.num_kv_blocks_total),
+            "pagoda_prefix_cache_blocks": (
+                "KV blocks the prefix cache can find, free or in use", snapshot.num_cached_blocks,
+            ),
             "pagoda_prefix_cache_hit_rate": (
                 "fraction of prefix-cache lookups that hit, since start",
                 snapshot.prefix_cache_hits / max(snapshot.prefix_cache_queries, 1),

@@ -171,6 +171,9 @@ def open_webui_env(pagoda_port: int, data_dir: Path) -> dict[str, str]:
         "OPENAI_API_BASE_URL": f"http://127.0.0.1:{pagoda_port}/v1", "OPENAI_API_KEY": "unused",
         "DATA_DIR": str(data_dir), "ENABLE_VERSION_UPDATE_CHECK": "false",
         "ANONYMIZED_TELEMETRY": "false", "DO_NOT_TRACK": "true",
+        # Open WebUI 0.12.4 sends its built-in tools with every chat from its UI (tool_choice
+        # "auto"); their schemas, ~12,000 tokens, would not fit the demo model's context.
+        "DEFAULT_MODEL_METADATA": '{"capabilities": {"builtin_tools": false}}',
     }
 
 

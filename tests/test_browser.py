@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,15 @@ import pytest
 
 pytest.importorskip("playwright")
 
+from browser_steps import (
+    ANSWER_TIMEOUT_MS,
+    CHROMIUM,
+    assert_streamed,
+    chat_in_open_webui,
+    chromium_context,
+)
 from fastchat_processes import cached_venv, free_port
+from playwright.sync_api import BrowserContext
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from test_fastchat_arena import GRADIO_REQUIREMENTS
 
@@ -33,16 +39,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from local_stack import SERVE_MODEL_NAME, WORKER_MODEL_NAME, Ports, Stack  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-# No network beyond 127.0.0.1, no first-run UI, nothing that phones home.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 OPEN_WEBUI_REQUIREMENTS = ["open-webui==0.12.4"]
 # Short answers: Open WebUI's chat runs until the context is full, and screenshots stay readable.
 ENGINE_ARGS = "--num-kv-blocks 256 --max-model-len 160"
 PROMPT = "Hello! What is a paged KV cache?"
-ANSWER_TIMEOUT_MS = 120_000
 TAB_CLICK_ATTEMPTS = 6
 
 
@@ -69,57 +69,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def browser_context(stack: Stack):
-    from playwright.sync_api import sync_playwright
-
-    profile = tempfile.mkdtemp(prefix="pagoda-chromium-")
-    try:
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-                viewport={"width": 1280, "height": 900},
-            )
-            yield context
-            context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def record_text_lengths(page, selector: str) -> None:
-    """Keeps, in the page, the length of the last `selector` element's text after every DOM
-    change: a streamed answer grows through several lengths, a buffered one jumps to its end."""
-    page.evaluate("""selector => {
-        window.seenLengths = [];
-        new MutationObserver(() => {
-            const nodes = document.querySelectorAll(selector);
-            if (nodes.length) window.seenLengths.push(nodes[nodes.length - 1].innerText.length);
-        }).observe(document.body, {childList: true, subtree: true, characterData: true});
-    }""", selector)
+def browser_context(stack: Stack) -> Iterator[BrowserContext]:
+    with chromium_context() as context:
+        yield context
 
 
 def test_open_webui_streams_an_answer_from_pagoda(stack, browser_context, screenshot_dir):
     page = browser_context.new_page()
-    page.goto(stack.urls["Open WebUI"], timeout=60_000)
-    page.locator("#chat-input").wait_for(timeout=60_000)
-    # A fresh Open WebUI greets its first user with release notes, shortly after the page shows.
-    with contextlib.suppress(PlaywrightTimeoutError):
-        page.get_by_role("button", name="Okay, Let's Go!").click(timeout=10_000)
-    page.locator("#model-selector-model-button").click()
-    page.get_by_role("option", name=SERVE_MODEL_NAME).click()
-    assert page.get_by_label(f"Selected model: {SERVE_MODEL_NAME}").count() == 1
-
-    record_text_lengths(page, "#response-content-container")
-    page.locator("#chat-input").click()
-    page.keyboard.type(PROMPT)
-    page.keyboard.press("Enter")
-    # Open WebUI offers to regenerate an answer once its stream has ended.
-    page.get_by_role("button", name="Regenerate").wait_for(timeout=ANSWER_TIMEOUT_MS)
-    answer = page.locator("#response-content-container").last.inner_text()
+    answer = chat_in_open_webui(page, stack.urls["Open WebUI"], SERVE_MODEL_NAME, PROMPT)
     page.screenshot(path=str(screenshot_dir / "open-webui.png"))
-    assert answer.strip()
-    lengths = [length for length in page.evaluate("window.seenLengths") if length]
-    assert len(set(lengths)) >= 3, f"the answer did not stream: {lengths}"
-    assert lengths == sorted(lengths)
+    assert_streamed(answer)
 
 
 def test_arena_side_by_side_both_models_answer(stack, browser_context, screenshot_dir):

@@ -1,6 +1,7 @@
-"""compose.yaml (and its GPU override) checked without a Docker engine: every service builds or
-pulls something that exists, listens where its ports, healthchecks and the other services' URLs
-say, starts after what it calls, and its command line parses with the real CLI."""
+"""compose.yaml (and its GPU and air-gapped overrides) checked without a Docker engine: every
+service builds or pulls something that exists, listens where its ports, healthchecks and the
+other services' URLs say, publishes on loopback only, starts after what it calls, and its command
+line parses with the real CLI. tests/test_compose_stack.py (marked `compose`) runs it for real."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,19 @@ from pagoda.adapters.common.engine_args import CPU_THREADS_ENV, MODEL_ENV
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 GPU_OVERRIDE = ROOT / "compose.gpu.yaml"
+AIRGAP_OVERRIDE = ROOT / "compose.airgap.yaml"
 # ${VAR:-default} as compose interpolates it with VAR unset.
 INTERPOLATION = re.compile(r"\$\{(\w+):-([^}]*)\}")
 SERVICE_URL = re.compile(r"https?://([\w{}.-]+):(\d+)")
+DOCKERFILE_ARG = re.compile(r"^ARG (\w+)=(\S+)$", re.MULTILINE)
+DOCKERFILE_COPY = re.compile(r"^COPY (?!--from)(.+) \S+$", re.MULTILINE)
 
 
-def load(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(INTERPOLATION.sub(lambda match: match.group(2), path.read_text()))
+def load(path: Path, variables: dict[str, str] | None = None) -> dict[str, Any]:
+    """The file as compose reads it with `variables` set and every other variable unset."""
+    values = variables or {}
+    return yaml.safe_load(INTERPOLATION.sub(
+        lambda match: values.get(match.group(1), match.group(2)), path.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -68,40 +76,80 @@ def test_expected_services(services):
     assert services["open-webui"]["image"] == "ghcr.io/open-webui/open-webui:v0.12.4"
 
 
+def builds(path: Path) -> dict[str, dict[str, Any]]:
+    """Each service's build section, merged over compose.yaml's as compose merges overrides."""
+    base = load(COMPOSE)["services"]
+    return {name: {**base.get(name, {}).get("build", {}), **service["build"]}
+            for name, service in load(path)["services"].items() if "build" in service}
+
+
 def test_builds_and_dockerfiles_exist_and_pin_versions():
-    for path in (COMPOSE, GPU_OVERRIDE):
+    for path in (COMPOSE, GPU_OVERRIDE, AIRGAP_OVERRIDE):
         for name, service in load(path)["services"].items():
-            build = service.get("build")
-            if build is None:
+            if "build" not in service and "image" in service:
                 assert ":" in service["image"] and not service["image"].endswith(":latest"), name
-                continue
-            dockerfile = ROOT / build["context"] / build["dockerfile"]
+        for name, build in builds(path).items():
+            context = ROOT / build["context"]
+            dockerfile = context / build["dockerfile"]
             assert dockerfile.is_file(), f"{name}: {dockerfile}"
             text = dockerfile.read_text()
-            assert re.search(r"^FROM \S+:\S*\d", text, re.M), f"{dockerfile} base is not pinned"
             if dockerfile.name == "Dockerfile.router":  # a Rust binary, no torch
-                assert re.search(r"^RUN pip install sglang-router==\S+$", text, re.M), dockerfile
-                assert not re.search(r"^RUN .*\btorch\b", text, re.M), dockerfile
-            else:
-                assert "torch==2.13.0 --index-url" in text, dockerfile
-            for copied in re.findall(r"^COPY (.+) \S+$", text, re.M):
-                for source in copied.split():
-                    assert (ROOT / build["context"] / source).exists(), f"{dockerfile}: {source}"
+                assert re.search(r"^FROM \S+:\S*\d", text, re.MULTILINE), dockerfile
+                assert re.search(r"^RUN pip install sglang-router==\S+$", text, re.MULTILINE)
+                assert not re.search(r"^RUN .*\btorch\b", text, re.MULTILINE), dockerfile
+                continue
+            args = dict(DOCKERFILE_ARG.findall(text))
+            # Every stage starts from the one BASE_IMAGE argument, pinned by default.
+            assert re.fullmatch(r"\S+:\S*\d\S*", args["BASE_IMAGE"]), dockerfile
+            assert set(re.findall(r"^FROM (\S+)", text, re.MULTILINE)) == {"${BASE_IMAGE}"}
+            assert "wheelhouse-install.sh torch==2.13.0" in text, dockerfile
+            assert args["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/")
+            ignored = (context / ".dockerignore").read_text().splitlines()
+            for copied in DOCKERFILE_COPY.findall(text):
+                for source in copied.replace("${WHEELHOUSE}", args["WHEELHOUSE"]).split():
+                    assert (context / source).exists(), f"{dockerfile}: {source}"
+                    # .dockerignore leaves out everything it does not name.
+                    assert f"!{source.rstrip('/')}" in ignored, f"{dockerfile}: {source}"
+
+
+def test_airgap_override_builds_every_image_from_the_local_base():
+    sys.path.insert(0, str(ROOT / "integration"))
+    from airgap_images import BASE_IMAGE, WHEELHOUSES
+
+    airgap = builds(AIRGAP_OVERRIDE)
+    # The router profile is not built air-gapped yet (Dockerfile.router installs from PyPI).
+    assert set(airgap) == set(load(COMPOSE)["services"]) - ROUTER_PROFILE
+    assert {build["args"]["BASE_IMAGE"] for build in airgap.values()} == {BASE_IMAGE}
+    assert load(AIRGAP_OVERRIDE)["services"]["open-webui"]["image"] != (
+        load(COMPOSE)["services"]["open-webui"]["image"])  # a local build under its own name
+    # Every Dockerfile's default wheelhouse is one the script fills.
+    filled = {f"integration/wheelhouse/{wheelhouse.name}" for wheelhouse in WHEELHOUSES}
+    for path in (COMPOSE, GPU_OVERRIDE, AIRGAP_OVERRIDE):
+        for name, build in builds(path).items():
+            if name == "router":
+                continue
+            folder = ROOT / build["context"]
+            text = (folder / build["dockerfile"]).read_text()
+            wheelhouse = folder / dict(DOCKERFILE_ARG.findall(text))["WHEELHOUSE"]
+            assert str(wheelhouse.relative_to(ROOT)) in filled
 
 
 def test_ports_and_healthchecks_match_what_each_service_listens_on(services):
     host_ports = []
     for name, service in services.items():
         for mapping in service.get("ports", []):
-            host, container = mapping.rsplit(":", 1)  # host: [address:]port
+            address, host, container = mapping.split(":")
+            assert address == "127.0.0.1", f"{name} is published beyond this host by default"
             assert int(container) == listening_port(service), name
             host_ports.append(host.rsplit(":", 1)[-1])
         if "healthcheck" in service:
             urls = SERVICE_URL.findall(" ".join(service["healthcheck"]["test"]))
             assert urls == [("127.0.0.1", str(listening_port(service)))], name
     assert len(host_ports) == len(set(host_ports))
-    assert services["open-webui"]["ports"] == ["3000:8080"]
-    assert services["pagoda"]["ports"] == ["8000:8000"]
+    assert services["open-webui"]["ports"] == ["127.0.0.1:3000:8080"]
+    assert services["pagoda"]["ports"] == ["127.0.0.1:8000:8000"]
+    published = load(COMPOSE, {"PAGODA_PUBLISH_ADDRESS": "0.0.0.0", "OPEN_WEBUI_PORT": "3001"})
+    assert published["services"]["open-webui"]["ports"] == ["0.0.0.0:3001:8080"]
     assert "/health'" in services["pagoda"]["healthcheck"]["test"][-1]
 
 
@@ -142,6 +190,9 @@ def test_pagoda_commands_parse_with_the_cli(services, monkeypatch):
         assert not environment[MODEL_ENV]  # empty unless set: the demo model
         assert not environment[CPU_THREADS_ENV]  # empty unless set: the usable cores
         assert "/root/.cache/huggingface" in " ".join(services[name]["volumes"])
+    extra = load(COMPOSE, {"PAGODA_EXTRA_ARGS": "--max-model-len 160"})["services"]
+    for name in ("pagoda", "pagoda-worker"):
+        assert build_parser().parse_args(argv(extra[name])[1:]).max_model_len == 160
     monkeypatch.setenv(MODEL_ENV, "org/model")
     monkeypatch.setenv(CPU_THREADS_ENV, "1")
     for name in ("pagoda", "pagoda-worker"):
@@ -192,15 +243,27 @@ def test_gpu_override_reserves_gpus_for_the_pagoda_services(services):
         assert devices[0]["capabilities"] == ["gpu"]
 
 
-def test_docker_compose_config():
+def compose_client() -> list[str] | None:
+    """docker-compose (v1) or the docker compose plugin (v2), whichever is here."""
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"],
-                                        capture_output=True).returncode != 0:
+    if docker and subprocess.run([docker, "compose", "version"], check=False,
+                                 capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def test_docker_compose_config():
+    client = compose_client()
+    if client is None:
         pytest.skip("no docker compose client")
-    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
+    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"],
+                  ["compose.yaml", "compose.airgap.yaml"],
+                  ["compose.yaml", "compose.airgap.yaml", "compose.gpu.yaml"]):
         checked = subprocess.run(
-            [docker, "compose", *[arg for file in files for arg in ("-f", file)], "config", "-q"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            [*client, *[arg for file in files for arg in ("-f", file)], "config", "-q"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
             env={**os.environ, "PAGODA_MODEL": ""},
         )
         assert checked.returncode == 0, checked.stderr

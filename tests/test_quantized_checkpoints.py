@@ -54,10 +54,12 @@ FORMATS: dict[str, Fixture] = {
     "autoround-gptq-w4-asym-g32": Fixture(partial(reference.gptq, bits=4, zero_offset=1)),
 }
 # Weights and dynamically quantized activations: the engine rounds activations as the tool
-# does, so the gap measured against its reference is ~1e-6; rounding ties may still land
-# differently after ulp-level differences, hence a looser bound.
+# does, so the gap measured against its reference is ~1e-6 on one thread; rounding ties may still
+# land differently after ulp-level differences, hence a looser bound. int8 activations (scale
+# absmax/127.5, many values on ties) amplify them most: with two threads' reduction order the
+# gap measured 0.04 (fp8's stayed under 1e-3).
 ACTIVATION_FORMATS: dict[str, Fixture] = {
-    "ct-w8a8-int8": Fixture(reference.eight_bit, tolerance=1e-3),
+    "ct-w8a8-int8": Fixture(reference.eight_bit, tolerance=0.1),
     "ct-fp8-dynamic": Fixture(reference.eight_bit, tolerance=1e-3),
     "ct-fp8-block": Fixture(reference.eight_bit, tolerance=1e-3),
 }
